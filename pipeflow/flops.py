@@ -1,0 +1,87 @@
+"""A FLOP model of Glow, for planning cuts and predicting the speed of each schedule.
+
+Counts multiply-adds x 2 of the convolutions (everything else is a few FLOPs per element
+and is counted as such). A training step costs about 3x the forward pass (forward plus a
+backward twice as costly); a part that only feeds a later one runs forward under no_grad.
+
+In the ``alternate`` schedule a step trains one part k, runs parts 1..k-1 forward under
+no_grad and skips the parts after k, so its cost relative to end-to-end is
+
+    mean_k [ sum_{j<k} F_j + 3 F_k ] / (3 F)
+
+which for the paper's CIFAR-10 Glow gives 0.56 (2 parts across blocks) and 0.46 (3 parts).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from pipeflow.glow.coupling import AffineCoupling
+from pipeflow.glow.model import FlowStep, Glow
+from pipeflow.glow.split import Split
+
+BACKWARD_FACTOR = 2.0  # backward costs about twice the forward pass
+
+
+def _conv(c_in: int, c_out: int, k: int, pixels: int) -> float:
+    return 2.0 * c_in * c_out * k * k * pixels
+
+
+def layer_flops(layer: nn.Module, in_shape: tuple[int, int, int]) -> float:
+    """Forward FLOPs per image of one layer of the flat Glow."""
+    c, h, w = in_shape
+    pixels = h * w
+    if isinstance(layer, FlowStep):
+        coupling = layer.coupling
+        hidden = coupling.net.conv2.weight.shape[0]
+        c_a = coupling.split
+        c_out = coupling.net.out.conv.weight.shape[0]
+        net = _conv(c_a, hidden, 3, pixels) + _conv(hidden, hidden, 1, pixels) + _conv(hidden, c_out, 3, pixels)
+        net += 8.0 * hidden * pixels  # two ActNorms and two ReLUs inside the coupling network
+        elementwise = (4.0 if isinstance(coupling, AffineCoupling) else 1.0) * c * pixels + 2.0 * c * pixels
+        return _conv(c, c, 1, pixels) + net + elementwise
+    if isinstance(layer, Split):
+        keep = layer.keep
+        return _conv(keep, 2 * (c - keep), 3, pixels) + 4.0 * (c - keep) * pixels
+    return 0.0  # squeeze: a reshape
+
+
+def model_layer_flops(model: Glow) -> list[float]:
+    return [layer_flops(layer, shapes[0]) for layer, shapes in zip(model.layers, model.layer_shapes)]
+
+
+def step_flops(model: Glow) -> list[float]:
+    """Forward FLOPs per image of each flow step, with squeezes and splits charged to their neighbour step."""
+    costs: list[float] = []
+    for layer, flops in zip(model.layers, model_layer_flops(model)):
+        if isinstance(layer, FlowStep):
+            costs.append(flops)
+        elif costs:
+            costs[-1] += flops
+    return costs
+
+
+def part_flops(model: Glow, parts: Sequence[nn.Module]) -> list[float]:
+    """Forward FLOPs per image of each part."""
+    per_step = step_flops(model)
+    return [sum(per_step[i] for i in part.steps) for part in parts]
+
+
+def alternate_cost_ratio(forward_flops: Sequence[float]) -> float:
+    """Cost of an average ``alternate`` step relative to an end-to-end step."""
+    total = sum(forward_flops)
+    per_part = [sum(forward_flops[:k]) + (1 + BACKWARD_FACTOR) * f for k, f in enumerate(forward_flops)]
+    return sum(per_part) / len(per_part) / ((1 + BACKWARD_FACTOR) * total)
+
+
+def pipeline_cost_ratio(forward_flops: Sequence[float]) -> float:
+    """One device running every part on every batch: the same work as end-to-end."""
+    return 1.0
+
+
+def paper_plan_ratio(step_ratio: float, by_parts_epochs: int, finetune_epochs: int) -> float:
+    """Wall time of (E1 by-parts + E2 end-to-end epochs) over (E1 + E2) end-to-end epochs."""
+    total = by_parts_epochs + finetune_epochs
+    return (by_parts_epochs * step_ratio + finetune_epochs) / total if total else 1.0

@@ -1,0 +1,94 @@
+"""Everything one pipeline stage owns: a part, its optimiser, its learning-rate schedule.
+
+The single-device schedules and the multi-rank pipeline drive the very same object, so
+both run the same objective and the same update; only who calls ``train_step`` differs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pipeflow.config import TrainConfig
+from pipeflow.objective import PartLikelihood, PartOutput, part_objective
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
+    if name == "adamax":
+        return torch.optim.Adamax(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr)
+
+
+class PartTrainer:
+    def __init__(self, part: nn.Module, lr: float, cfg: TrainConfig, num_dims: int, n_bins: int,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, name: str = ""):
+        self.part = part
+        self.module = PartLikelihood(part)
+        if wrap is not None:  # e.g. DistributedDataParallel for data-parallel training
+            self.module = wrap(self.module)
+        self.params = [p for p in part.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, cfg.optimizer, lr) if self.params else None
+        self.base_lr, self.cfg = lr, cfg
+        self.num_dims, self.n_bins = num_dims, n_bins
+        self.name = name or f"part {getattr(part, 'index', 0)}"
+        self.steps = 0  # updates applied
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient
+        self.bad_in_a_row = 0
+
+    def lr(self) -> float:
+        """Linear warm-up to the base rate (early NaNs in Glow are cured by warm-up)."""
+        warmup = self.cfg.warmup_steps
+        return self.base_lr * min(1.0, (self.steps + 1) / warmup) if warmup else self.base_lr
+
+    def train_step(self, h: torch.Tensor, carry: torch.Tensor) -> tuple[PartOutput, float]:
+        """One update on a detached input. Returns the output (detached) and the loss value."""
+        out = part_objective(self.module, h, carry, self.num_dims, self.n_bins)
+        if self.optimizer is None:
+            return self._detached(out), float(out.loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        else:
+            grad_norm = torch.zeros((), device=out.loss.device)
+        loss_value, finite = torch.stack([out.loss.detach(), torch.isfinite(out.loss) & torch.isfinite(grad_norm)]).tolist()
+        if not finite:
+            self.skipped += 1
+            self.bad_in_a_row += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.bad_in_a_row >= self.cfg.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{self.name}: {self.bad_in_a_row} non-finite losses in a row (train.max_bad_steps); "
+                    "lower train.lr or raise train.warmup_steps"
+                )
+            return self._detached(out), loss_value
+        self.bad_in_a_row = 0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr()
+        self.optimizer.step()
+        self.steps += 1
+        return self._detached(out), loss_value
+
+    @torch.no_grad()
+    def forward(self, h: torch.Tensor, carry: torch.Tensor) -> PartOutput:
+        """Forward only, no graph: for parts that merely feed a later one."""
+        return part_objective(self.module, h, carry, self.num_dims, self.n_bins)
+
+    @staticmethod
+    def _detached(out: PartOutput) -> PartOutput:
+        return PartOutput(out.h.detach(), out.loss.detach(), out.carry, out.prefix_bpd)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "steps": self.steps, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.steps, self.skipped = state["steps"], state["skipped"]

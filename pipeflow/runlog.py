@@ -1,0 +1,68 @@
+"""The run directory: what a run leaves behind for people and for other programs.
+
+    out/config.toml     the resolved config
+    out/metrics.jsonl   one JSON object per logged step or evaluation
+    out/summary.json    test bits/dim, wall time, per-phase epochs and seconds, ...
+    out/model.pt        the full model (see pipeflow.checkpoint)
+    out/samples/        sample grids, one per epoch
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeflow.checkpoint import atomic_write_bytes, atomic_write_json
+from pipeflow.config import Config, to_toml
+from pipeflow.errors import UserError
+
+RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "model.pt")
+
+
+def prepare_run_dir(out: str | Path, force: bool = False, resume: bool = False) -> Path:
+    """Refuse to write over another run unless asked to (``--force``) or continuing it (``--resume``)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a directory")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not (force or resume):
+        raise UserError(f"output directory {out} holds another run ({held[0]}); pass --resume to continue it or --force to replace it")
+    if held and force and not resume:
+        for name in (*RUN_FILES, "samples", "checkpoints"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class RunLog:
+    def __init__(self, out: Path, cfg: Config):
+        self.out = Path(out)
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.out / "config.toml", to_toml(cfg).encode())
+        self._metrics = open(self.out / "metrics.jsonl", "a")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.out / "summary.json", summary)
+
+    def samples(self, images: torch.Tensor, name: str) -> Path:
+        from torchvision.utils import save_image  # noqa: PLC0415
+
+        path = self.out / "samples" / f"{name}.png"
+        nrow = max(1, int(len(images) ** 0.5))
+        save_image((images.float().cpu() + 0.5).clamp(0, 1), path, nrow=nrow)
+        return path
+
+    def close(self) -> None:
+        self._metrics.close()

@@ -1,0 +1,79 @@
+"""Building a run from a config: data, model, parts, devices. Shared by every entry point.
+
+Every process that builds from the same config gets bit-identical initial parameters,
+because the model is built right after seeding; that is how pipeline ranks agree on the
+parts without exchanging them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeflow.config import Config
+from pipeflow.data import Batches, ImageData, load_dataset, n_bins, test_batches, train_batches
+from pipeflow.errors import UserError
+from pipeflow.glow import Glow
+from pipeflow.parts import Part, split_into_parts
+
+
+@dataclass
+class Run:
+    cfg: Config
+    data: ImageData
+    model: Glow
+    parts: list[Part]
+    n_bins: int
+
+    @property
+    def num_dims(self) -> int:
+        c, h, w = self.model.input_shape
+        return c * h * w
+
+    def train_batches(self, batch_size: int | None = None) -> Batches:
+        t = self.cfg.train
+        return train_batches(self.data, self.cfg.data, batch_size or t.batch_size, t.seed, t.steps_per_epoch)
+
+    def test_batches(self) -> Batches:
+        return test_batches(self.data, self.cfg.data, self.cfg.train.eval_batch_size)
+
+    def part_lr(self, k: int) -> float:
+        return self.cfg.train.part_lrs[k] if self.cfg.train.part_lrs else self.cfg.train.lr
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = 'cuda' but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(cfg: Config, shape: tuple[int, int, int]) -> Glow:
+    c, h, w = shape
+    m = cfg.model
+    if h % 2**m.levels:
+        raise UserError(f"image size {h} is not divisible by 2^model.levels = {2**m.levels}; lower model.levels")
+    torch.manual_seed(cfg.train.seed)
+    return Glow(c, h, m.levels, m.steps, m.hidden, m.coupling, m.lu)
+
+
+def build_parts(cfg: Config, model: Glow, count: int | None = None) -> list[Part]:
+    p = cfg.parts
+    step_costs = ()
+    if p.scheme == "balanced":
+        from pipeflow.flops import step_flops  # noqa: PLC0415
+
+        step_costs = step_flops(model)
+    return split_into_parts(model, p.scheme, count or p.count, p.cuts, p.boundary_prior, step_costs)
+
+
+def build_run(cfg: Config) -> Run:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    data = load_dataset(cfg.data)
+    model = build_model(cfg, data.shape)
+    count = 1 if cfg.train.schedule == "e2e" else cfg.parts.count
+    parts = build_parts(cfg, model, count)
+    return Run(cfg, data, model, parts, n_bins(data, cfg.data.n_bits))
