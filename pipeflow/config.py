@@ -217,6 +217,16 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def _apply(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise UserError(f"[{section}] must be a table of keys")
+        raw[section][key] = value
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     raw: dict[str, Any] = {}
     if path is not None:
@@ -227,13 +237,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"config file {path} is not valid TOML: {exc}") from None
-    for text in overrides:
-        section, key, value = parse_override(text)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise UserError(f"[{section}] must be a table of keys")
-        raw[section][key] = value
-    return from_dict(raw)
+    return from_dict(_apply(raw, overrides))
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A copy of ``cfg`` with ``section.key=value`` overrides applied and validated."""
+    return from_dict(_apply(cfg.to_dict(), overrides))
 
 
 def to_toml(cfg: Config) -> str:

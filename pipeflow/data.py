@@ -12,6 +12,7 @@ run is reproducible and every pipeline rank can agree on what batch b is.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -113,6 +114,28 @@ def load_dataset(cfg: DataConfig) -> ImageData:
     if cfg.test_limit:
         data.x_test = data.x_test[: cfg.test_limit]
     return data
+
+
+KNOWN_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def dataset_shape(cfg: DataConfig) -> tuple[int, int, int]:
+    """The image shape (C, H, W) without loading the images (for planning)."""
+    if cfg.dataset in KNOWN_SHAPES:
+        return KNOWN_SHAPES[cfg.dataset]
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("x_test.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(f)
+    except (KeyError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise UserError(f"data file {path} is not a readable .npz file with x_test ({type(exc).__name__})") from None
+    if len(shape) != 4:
+        raise UserError(f"data file {path}: x_test must be images (N, C, H, W), got shape {shape}")
+    return tuple(int(s) for s in shape[1:])
 
 
 def n_bins(data: ImageData, n_bits: int) -> int:

@@ -1,0 +1,166 @@
+"""The ``pipeflow`` command line: train, plan, eval, sample (and bench, compare).
+
+Every command turns :class:`~pipeflow.errors.UserError` into one line on stderr and exit
+status 2; nothing the user can fix ends in a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeflow.errors import EXIT_USAGE, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train Glow normalizing flows by parts: gradient-isolated pieces, one per device.")
+console = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (defaults apply to what it leaves out).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: section.key=value (repeatable).")
+
+
+def user_errors(fn):
+    """Bad input: one clear line, exit status 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            print(f"pipeflow: error: {exc}", file=sys.stderr)
+            raise typer.Exit(EXIT_USAGE) from None
+
+    return wrapper
+
+
+def _config(config: Optional[Path], overrides: Optional[List[str]], extra: tuple[str, ...] = ()):
+    from pipeflow.config import load_config  # noqa: PLC0415
+
+    return load_config(config, [*(overrides or []), *extra])
+
+
+@app.command()
+@user_errors
+def train(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run directory."),
+    schedule: Optional[str] = typer.Option(None, help="Shortcut for --set train.schedule=..."),
+    force: bool = typer.Option(False, "--force", help="Replace a run already in --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Train on one device (the single-device simulation of the pipeline)."""
+    from pipeflow.progress import TrainingDisplay  # noqa: PLC0415
+    from pipeflow.train import train as run_training  # noqa: PLC0415
+
+    cfg = _config(config, set_, (f"train.schedule={schedule}",) if schedule else ())
+    with TrainingDisplay(console, cfg, enabled=not quiet) as display:
+        summary = run_training(cfg, out, force=force, on_step=display.on_step, on_epoch=display.on_epoch)
+    display.closing_table(summary, out)
+
+
+@app.command()
+@user_errors
+def plan(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the plan as JSON.")):
+    """Show how the model is cut: layers, shapes, parameters and FLOP share of each part, per scheme."""
+    from pipeflow.data import dataset_shape  # noqa: PLC0415
+    from pipeflow.plan import describe_parts, predicted_ratios, scheme_parts  # noqa: PLC0415
+    from pipeflow.setup import build_model  # noqa: PLC0415
+
+    cfg = _config(config, set_)
+    model = build_model(cfg, dataset_shape(cfg.data))
+    out = Console()
+    report = {}
+    schemes = [cfg.parts.scheme] + [s for s in ("blocks", "across", "balanced") if s != cfg.parts.scheme]
+    for scheme in schemes:
+        try:
+            parts = scheme_parts(cfg, model, scheme, cfg.parts.count)
+        except UserError as exc:
+            if scheme == cfg.parts.scheme:
+                raise
+            out.print(f"[dim]{scheme}: {exc}[/dim]")
+            continue
+        rows = describe_parts(model, parts)
+        ratios = predicted_ratios(cfg, model, parts)
+        title = f"{scheme}{' (configured)' if scheme == cfg.parts.scheme else ''}: {cfg.parts.count} parts"
+        table = Table(title=title)
+        for col in ("part", "flow steps", "layers", "shape in", "shape out", "params", "GFLOP/img (fwd)", "share"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(str(r.index), f"{r.steps[0]}-{r.steps[1]}", str(r.layers), "x".join(map(str, r.in_shape)),
+                          "x".join(map(str, r.out_shape)), f"{r.params:,}", f"{r.flops / 1e9:.3f}", f"{r.share:.1%}")
+        table.caption = (f"alternate step / e2e step = {ratios['alternate_step']:.3f};  "
+                         f"{cfg.train.by_parts_epochs} by parts + {cfg.train.finetune_epochs} e2e epochs / "
+                         f"{cfg.train.by_parts_epochs + cfg.train.finetune_epochs} e2e epochs = {ratios['plan']:.3f}")
+        out.print(table)
+        report[scheme] = {"parts": [r.__dict__ for r in rows], **ratios}
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2, default=list))
+
+
+@app.command("eval")
+@user_errors
+def eval_(checkpoint: Path = typer.Option(..., "--checkpoint", help="A model.pt written by a run."),
+          set_: Optional[List[str]] = SetOpt,
+          json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON.")):
+    """Test-set bits/dim of a saved model (the data section of its config, with --set overrides)."""
+    from pipeflow.checkpoint import load_model  # noqa: PLC0415
+    from pipeflow.config import with_overrides  # noqa: PLC0415
+    from pipeflow.data import load_dataset, n_bins, test_batches  # noqa: PLC0415
+    from pipeflow.evaluate import evaluate  # noqa: PLC0415
+    from pipeflow.part_trainer import PartTrainer  # noqa: PLC0415
+    from pipeflow.parts import whole_model_part  # noqa: PLC0415
+    from pipeflow.setup import resolve_device  # noqa: PLC0415
+
+    model, cfg, bins = load_model(checkpoint)
+    cfg = with_overrides(cfg, set_ or [])
+    device = resolve_device(cfg.train.device)
+    data = load_dataset(cfg.data)
+    if tuple(data.shape) != tuple(model.input_shape):
+        raise UserError(f"the data's images {data.shape} do not fit the model's input {model.input_shape}")
+    if n_bins(data, cfg.data.n_bits) != bins:
+        raise UserError(f"the data has {n_bins(data, cfg.data.n_bits)} levels per pixel, the model was trained on {bins}")
+    model.to(device)
+    c, h, w = model.input_shape
+    trainer = PartTrainer(whole_model_part(model), 1.0, cfg.train, c * h * w, bins)
+    bpd = evaluate([trainer], test_batches(data, cfg.data, cfg.train.eval_batch_size), device)[-1]
+    print(f"test bits/dim: {bpd:.4f}  ({len(data.x_test)} images of {data.name})")
+    if json_out:
+        json_out.write_text(json.dumps({"test_bpd": bpd, "checkpoint": str(checkpoint), "images": len(data.x_test)}))
+    return bpd
+
+
+@app.command()
+@user_errors
+def sample(checkpoint: Path = typer.Option(..., "--checkpoint", help="A model.pt written by a run."),
+           out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG file for the grid."),
+           n: int = typer.Option(64, "--n", min=1, help="Number of samples."),
+           temperature: float = typer.Option(0.7, "--temperature", "-t", min=0.0),
+           seed: int = typer.Option(0, "--seed")):
+    """Draw a grid of samples from a saved model."""
+    import torch  # noqa: PLC0415
+    from torchvision.utils import save_image  # noqa: PLC0415
+
+    from pipeflow.checkpoint import load_model  # noqa: PLC0415
+
+    model, _, _ = load_model(checkpoint)
+    images = model.sample(n, temperature, torch.Generator().manual_seed(seed))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image((images + 0.5).clamp(0, 1), out, nrow=max(1, int(n**0.5)))
+    print(f"wrote {n} samples at temperature {temperature} to {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
