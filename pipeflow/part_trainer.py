@@ -27,7 +27,8 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
 
 class PartTrainer:
     def __init__(self, part: nn.Module, lr: float, cfg: TrainConfig, num_dims: int, n_bins: int,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None, name: str = ""):
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, name: str = "",
+                 grad_hook: Callable[[list[torch.Tensor]], None] | None = None):
         self.part = part
         self.module = PartLikelihood(part)
         if wrap is not None:  # e.g. DistributedDataParallel for data-parallel training
@@ -37,6 +38,7 @@ class PartTrainer:
         self.base_lr, self.cfg = lr, cfg
         self.num_dims, self.n_bins = num_dims, n_bins
         self.name = name or f"part {getattr(part, 'index', 0)}"
+        self.grad_hook = grad_hook  # e.g. averaging gradients over the replicas of a pipeline stage
         self.steps = 0  # updates applied
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.bad_in_a_row = 0
@@ -53,6 +55,11 @@ class PartTrainer:
             return self._detached(out), float(out.loss)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        if self.grad_hook is not None:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.grad_hook([p.grad for p in self.params])
         if self.cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         else:

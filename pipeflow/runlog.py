@@ -23,14 +23,24 @@ from pipeflow.errors import UserError
 RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "model.pt")
 
 
-def prepare_run_dir(out: str | Path, force: bool = False, resume: bool = False) -> Path:
-    """Refuse to write over another run unless asked to (``--force``) or continuing it (``--resume``)."""
+def check_run_dir(out: str | Path, force: bool = False, resume: bool = False) -> list[str]:
+    """Refuse to write over another run unless asked to (``--force``) or continuing it (``--resume``).
+
+    Returns the run files already there. Reads only, so every rank may check before any writes.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a directory")
     held = [name for name in RUN_FILES if (out / name).exists()]
     if held and not (force or resume):
         raise UserError(f"output directory {out} holds another run ({held[0]}); pass --resume to continue it or --force to replace it")
+    return held
+
+
+def prepare_run_dir(out: str | Path, force: bool = False, resume: bool = False) -> Path:
+    """Check ``out`` (see :func:`check_run_dir`); with ``force``, clear the old run's files."""
+    out = Path(out)
+    held = check_run_dir(out, force, resume)
     if held and force and not resume:
         for name in (*RUN_FILES, "samples", "checkpoints"):
             target = out / name

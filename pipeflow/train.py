@@ -83,13 +83,21 @@ def make_phases(run: Run, device: torch.device) -> list[Phase]:
 
 
 def run_phase(phase: Phase, run: Run, device: torch.device, log: RunLog | None, progress: Progress,
-              on_step: Callback | None = None, on_epoch: Callback | None = None) -> None:
+              on_step: Callback | None = None, on_epoch: Callback | None = None,
+              shard: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              evaluate_fn: Callable[..., list[float]] = evaluate) -> None:
+    """Train ``phase`` for its epochs, evaluating and drawing samples after each.
+
+    ``shard`` picks this process's rows of every batch and ``evaluate_fn`` may pool the
+    test set over processes: that is all data-parallel fine-tuning changes here.
+    """
     t = run.cfg.train
     batches, tests = run.train_batches(), run.test_batches()
     n_parts = len(phase.trainers)
     for epoch in range(phase.epochs):
         epoch_start = time.perf_counter()
         for x in batches.epoch(progress.epochs_done):
+            x = shard(x) if shard else x
             active = active_parts(phase.schedule, n_parts, epoch, progress.global_step, phase.epochs, t.alternate_every)
             start = time.perf_counter()
             results = train_step(phase.trainers, active, x.to(device))
@@ -107,7 +115,7 @@ def run_phase(phase: Phase, run: Run, device: torch.device, log: RunLog | None, 
         phase.seconds += seconds
         progress.train_seconds += seconds
         progress.epochs_done += 1
-        bpds = evaluate(phase.trainers, tests, device)
+        bpds = evaluate_fn(phase.trainers, tests, device)
         phase.test_bpd = bpds[-1]
         record = {"kind": "eval", "phase": phase.name, "epoch": progress.epochs_done, "test_bpd": bpds[-1],
                   "test_prefix_bpd": bpds, "train_seconds": progress.train_seconds, "step": progress.global_step}

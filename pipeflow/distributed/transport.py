@@ -1,0 +1,185 @@
+"""Forward-only messages between neighbouring pipeline stages.
+
+A message is a header of four int64 (kind, rows, epoch, step) followed, when it carries
+a batch, by one contiguous float32 payload: the latent batch then its per-sample carry.
+The payload's shape per row is fixed by the plan of parts, so the ranks never negotiate
+shapes, and the header tells the receiver how many rows follow.
+
+Sending runs on a background thread that issues one blocking send at a time: there is
+never more than one outstanding send to a peer (several outstanding isends to one peer
+can hang on gloo), while a bounded queue lets ``in_flight`` batches wait for the wire so
+that transfers overlap compute and a fast stage cannot run away from a slow one. The
+thread can also pace its sends to a given bandwidth, to show what a slow link does.
+
+Receives wait at most ``timeout_s``; a silent peer is an error that names it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+HEADER = 4  # int64 fields: kind, rows, epoch, step
+
+INIT, TRAIN, EVAL, EVAL_END, STOP = 0, 1, 2, 3, 4  # message kinds
+
+
+class PeerSilent(RuntimeError):
+    """A neighbouring rank sent nothing for ``timeout_s`` seconds, or its link broke."""
+
+
+@dataclass
+class Message:
+    kind: int
+    rows: int
+    epoch: int
+    step: int
+    h: torch.Tensor | None = None  # (rows, *shape)
+    carry: torch.Tensor | None = None  # (rows,)
+
+
+@dataclass
+class Counters:
+    """Bytes moved by this rank, by direction relative to the pipeline."""
+
+    forward_bytes: int = 0
+    backward_bytes: int = 0
+    forward_messages: int = 0
+    wire_seconds: float = 0.0
+
+
+def _row_numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class Outbox:
+    """Messages to the next stage (a higher rank): the only direction anything travels."""
+
+    def __init__(self, rank: int, peer: int, shape: tuple[int, ...], device: torch.device,
+                 in_flight: int = 2, bandwidth: float = 0.0, counters: Counters | None = None,
+                 timeout_s: float = 300.0):
+        if peer <= rank:
+            raise ValueError(f"rank {rank} may only send forward, not to rank {peer}")
+        self.rank, self.peer, self.shape, self.device = rank, peer, tuple(shape), device
+        self.bandwidth = bandwidth  # bytes/s; 0: as fast as the link goes
+        self.counters = counters or Counters()
+        self.timeout_s = timeout_s
+        self._queue: queue.Queue = queue.Queue(maxsize=in_flight)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"send-{rank}-to-{peer}", daemon=True)
+        self._thread.start()
+
+    def send(self, kind: int, epoch: int = 0, step: int = 0, h: torch.Tensor | None = None,
+             carry: torch.Tensor | None = None) -> None:
+        """Queue one message; blocks while ``in_flight`` messages are already waiting for the wire."""
+        self._raise_if_failed()
+        rows = 0 if h is None else h.shape[0]
+        header = torch.tensor([kind, rows, epoch, step], dtype=torch.int64, device=self.device)
+        payload = None
+        if rows:
+            if tuple(h.shape[1:]) != self.shape:
+                raise ValueError(f"rank {self.rank}: a batch of {tuple(h.shape[1:])} does not fit the plan's {self.shape}")
+            payload = torch.cat([h.detach().reshape(-1).float(), carry.detach().reshape(-1).float()]).contiguous()
+        ready = None
+        if self.device.type == "cuda":  # the thread must not send before the kernels that fill it ran
+            ready = torch.cuda.Event()
+            ready.record()
+        while True:
+            try:
+                self._queue.put((header, payload, ready), timeout=1.0)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def _run(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        start = None
+        sent = 0
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            header, payload, ready = item
+            try:
+                if ready is not None:
+                    ready.synchronize()
+                t0 = time.perf_counter()
+                start = start or t0
+                nbytes = 0
+                for tensor in (header, payload):
+                    if tensor is not None:
+                        dist.send(tensor, dst=self.peer)
+                        nbytes += tensor.numel() * tensor.element_size()
+                sent += nbytes
+                if self.bandwidth > 0:  # pace: the link may not have moved more than bandwidth * elapsed
+                    lag = sent / self.bandwidth - (time.perf_counter() - start)
+                    if lag > 0:
+                        time.sleep(lag)
+                self.counters.wire_seconds += time.perf_counter() - t0
+                self.counters.forward_bytes += nbytes
+                self.counters.forward_messages += 1
+            except BaseException as exc:  # noqa: BLE001 (handed to the main thread)
+                self._error = PeerSilent(f"rank {self.rank} could not send to rank {self.peer}: {exc}")
+                return
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Flush every queued message, then stop the thread."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                self._queue.put(None, timeout=1.0)
+                break
+            except queue.Full:
+                self._raise_if_failed()
+                if time.monotonic() > deadline:
+                    break
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._raise_if_failed()
+        if self._thread.is_alive():
+            raise PeerSilent(f"rank {self.rank} could not flush its messages to rank {self.peer} "
+                             f"in {self.timeout_s:.0f} s (distributed.timeout_s)")
+
+
+class Inbox:
+    """Messages from the previous stage."""
+
+    def __init__(self, rank: int, peer: int, shape: tuple[int, ...], device: torch.device, timeout_s: float):
+        self.rank, self.peer, self.shape, self.device = rank, peer, tuple(shape), device
+        self.row_numel = _row_numel(self.shape)
+        self.timeout_s = timeout_s
+
+    def _recv(self, tensor: torch.Tensor) -> torch.Tensor:
+        work = dist.irecv(tensor, src=self.peer)
+        try:
+            work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except Exception as exc:  # noqa: BLE001 (gloo raises RuntimeError on a timeout or a closed peer)
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PeerSilent(
+                f"rank {self.rank} heard nothing from rank {self.peer} for {self.timeout_s:.0f} s "
+                f"(distributed.timeout_s), or lost the link: {detail}"
+            ) from None
+        return tensor
+
+    def recv(self) -> Message:
+        header = self._recv(torch.empty(HEADER, dtype=torch.int64, device=self.device))
+        kind, rows, epoch, step = header.tolist()
+        msg = Message(kind, rows, epoch, step)
+        if rows:
+            payload = self._recv(torch.empty(rows * (self.row_numel + 1), dtype=torch.float32, device=self.device))
+            msg.h = payload[: rows * self.row_numel].view(rows, *self.shape)
+            msg.carry = payload[rows * self.row_numel :]
+        return msg

@@ -1,0 +1,155 @@
+"""Multi-rank runs under torchrun (gloo, CPU, tiny model), compared with the single-device simulation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = """
+[model]
+levels = 2
+steps = 2
+hidden = 8
+[data]
+test_limit = 96
+[parts]
+count = {parts}
+scheme = "across"
+[train]
+schedule = "pipeline"
+by_parts_epochs = 2
+finetune_epochs = {finetune}
+batch_size = 32
+lr = 2e-3
+warmup_steps = 4
+steps_per_epoch = 5
+samples = 4
+threads = 1
+log_every = 1
+[distributed]
+timeout_s = 60
+"""
+
+
+def write_config(tmp_path: Path, parts: int = 2, finetune: int = 0) -> Path:
+    path = tmp_path / f"tiny_p{parts}_f{finetune}.toml"
+    path.write_text(TINY.format(parts=parts, finetune=finetune))
+    return path
+
+
+def torchrun(nproc: int, config: Path, out: Path, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "pipeflow.launch", "--config", str(config), "--out", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def single_device(config: Path, out: Path, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "pipeflow.cli", "train", "--config", str(config), "--out", str(out), "--quiet", *extra]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=240)
+    return json.loads((out / "summary.json").read_text())
+
+
+def state(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "model.pt", weights_only=True)["state_dict"]
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_pipeline_ranks_equal_single_device_pipeline(tmp_path, parts):
+    config = write_config(tmp_path, parts=parts)
+    ok(torchrun(parts, config, tmp_path / "dist"))
+    single = single_device(config, tmp_path / "single")
+    assert max_difference(state(tmp_path / "dist"), state(tmp_path / "single")) <= 1e-6
+    summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
+    assert summary["parts"] == parts and summary["world_size"] == parts
+    assert summary["test_bpd"] == pytest.approx(single["test_bpd"], abs=1e-5)
+    # nothing travels backwards; forward traffic is exactly one latent (+ carry and header) per image
+    assert summary["comm"]["backward_bytes"] == 0
+    assert summary["comm"]["forward_bytes"] > 0
+    records = [json.loads(line) for line in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert {r["part"] for r in steps} == set(range(parts))
+    assert all({"loss", "prefix_bpd", "images_per_s", "busy_fraction"} <= r.keys() for r in steps)
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
+    assert all(0 < r["busy_fraction"] <= 1 for r in summary["ranks"])
+
+
+def test_forward_bytes_are_one_latent_per_image(tmp_path):
+    config = write_config(tmp_path, parts=2)
+    ok(torchrun(2, config, tmp_path / "dist"))
+    summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
+    # the cut after 1 step of level 1 (1x8x8 digits -> 4x4x4): 64 floats + 1 carry per image, 32 B per header
+    per_image = 4 * (4 * 4 * 4 + 1)
+    images = 32 + 2 * 5 * 32 + 2 * 96  # init batch, 2 epochs x 5 steps x 32, 2 evaluations of 96
+    headers = 1 + 2 * 5 + 2 * (1 + 1) + 1  # init, train, eval batches + eval ends, stop
+    assert summary["comm"]["forward_bytes"] == per_image * images + 32 * headers
+
+
+def test_finetune_ddp_improves_and_model_loads_alone(tmp_path):
+    config = write_config(tmp_path, parts=2, finetune=3)
+    result = torchrun(2, config, tmp_path / "dist")
+    ok(result)
+    summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
+    assert summary["phases"]["finetune"]["schedule"] == "ddp"
+    assert summary["test_bpd"] < summary["phases"]["by_parts"]["test_bpd"]
+    assert summary["comm"]["backward_bytes"] == 0 and summary["comm"]["finetune_allreduce_bytes"] > 0
+    evaluated = subprocess.run([sys.executable, "-m", "pipeflow.cli", "eval", "--checkpoint",
+                                str(tmp_path / "dist" / "model.pt"), "--json", str(tmp_path / "eval.json")],
+                               capture_output=True, text=True, timeout=120)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["test_bpd"] == pytest.approx(summary["test_bpd"], abs=1e-5)
+
+
+def test_finetune_on_rank0_alone_matches_ddp(tmp_path):
+    config = write_config(tmp_path, parts=2, finetune=2)
+    ok(torchrun(2, config, tmp_path / "ddp"))
+    ok(torchrun(2, config, tmp_path / "rank0", "--set", "distributed.finetune=rank0"))
+    # the same full-batch gradient, summed in another order
+    assert max_difference(state(tmp_path / "ddp"), state(tmp_path / "rank0")) < 1e-3
+
+
+def test_two_replicas_of_a_two_stage_pipeline(tmp_path):
+    config = write_config(tmp_path, parts=2)
+    ok(torchrun(4, config, tmp_path / "dist"))
+    single_device(config, tmp_path / "single")
+    summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
+    assert summary["replicas"] == 2 and summary["world_size"] == 4
+    assert summary["comm"]["backward_bytes"] == 0 and summary["comm"]["stage_allreduce_bytes"] > 0
+    assert {(r["stage"], r["replica"]) for r in summary["ranks"]} == {(0, 0), (1, 0), (0, 1), (1, 1)}
+    # each replica takes half of every batch and the stage averages gradients: the single-device
+    # pipeline on the whole batch, up to the order of floating-point sums (Adam amplifies it a little)
+    assert max_difference(state(tmp_path / "dist"), state(tmp_path / "single")) < 1e-3
+
+
+def test_wrong_process_count_is_one_line_and_status_2_on_every_rank(tmp_path):
+    config = write_config(tmp_path, parts=2)
+    result = torchrun(3, config, tmp_path / "dist", timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pipeflow.launch: error")]
+    assert sorted(errors) == sorted(
+        f"pipeflow.launch: error (rank {r}): 3 processes cannot run 2 parts: the number of processes must be a "
+        "multiple of parts.count (torchrun --nproc_per_node=2, or 2 x replicas)" for r in range(3)
+    )
+    assert "exitcode  : 2" in result.stderr
+    assert not (tmp_path / "dist").exists()
+
+
+def test_launch_without_torchrun_checks_process_count(tmp_path):
+    config = write_config(tmp_path, parts=2)
+    result = subprocess.run([sys.executable, "-m", "pipeflow.launch", "--config", str(config), "--out",
+                             str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
