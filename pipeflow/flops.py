@@ -81,6 +81,42 @@ def pipeline_cost_ratio(forward_flops: Sequence[float]) -> float:
     return 1.0
 
 
+def stage_cost_ratio(part_costs: Sequence[float]) -> float:
+    """P ranks, one part each, in a pipeline: a step takes as long as the costliest part.
+
+    Relative to an end-to-end step on one device; transfers overlap compute and are not counted.
+    """
+    total = sum(part_costs)
+    return max(part_costs) / total if total else 1.0
+
+
+def data_parallel_cost_ratio(ranks: int) -> float:
+    """P ranks, each a 1/P shard of the batch through the whole model (gradient all-reduce not counted)."""
+    return 1.0 / max(ranks, 1)
+
+
+def step_layer_groups(model: Glow) -> list[list[int]]:
+    """Indices into ``model.layers`` of what each flow step brings into a part.
+
+    The same grouping as the cuts (:meth:`Glow.cut_index`): a squeeze goes with the step
+    after it (it opens a level), a split with the step before it (it closes one), so the
+    layers of a part are exactly the union of its steps' groups.
+    """
+    groups: list[list[int]] = []
+    pending: list[int] = []
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, FlowStep):
+            groups.append([*pending, i])
+            pending = []
+        elif isinstance(layer, Split):
+            groups[-1].append(i)
+        else:
+            pending.append(i)
+    if pending:
+        groups[-1].extend(pending)
+    return groups
+
+
 def paper_plan_ratio(step_ratio: float, by_parts_epochs: int, finetune_epochs: int) -> float:
     """Wall time of (E1 by-parts + E2 end-to-end epochs) over (E1 + E2) end-to-end epochs."""
     total = by_parts_epochs + finetune_epochs

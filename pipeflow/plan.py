@@ -1,11 +1,18 @@
-"""The plan of parts: what each part holds and what it costs, for every scheme."""
+"""The plan of parts: what each part holds and what it costs, for every scheme.
+
+Costs come from the FLOP model, or from per-step costs measured on the target device
+(:func:`pipeflow.balance.measure_step_costs`): with those, ``balanced`` cuts minimise
+the measured slowest part and every part shows its measured share as well.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
+from pipeflow.balance import part_costs
 from pipeflow.config import Config
-from pipeflow.flops import alternate_cost_ratio, part_flops, paper_plan_ratio, step_flops
+from pipeflow.flops import alternate_cost_ratio, part_flops, paper_plan_ratio, stage_cost_ratio, step_flops
 from pipeflow.glow import Glow
 from pipeflow.parts import Part, split_into_parts
 
@@ -20,21 +27,34 @@ class PartPlan:
     params: int
     flops: float  # forward FLOPs per image
     share: float  # of the whole model's forward FLOPs
+    measured_share: float | None = None  # of the whole model's measured training cost, when measured
 
 
-def describe_parts(model: Glow, parts: list[Part]) -> list[PartPlan]:
+def cuts_of(parts: Sequence[Part]) -> list[int]:
+    """Numbers of flow steps before each cut."""
+    return [p.steps.start for p in parts[1:]]
+
+
+def describe_parts(model: Glow, parts: list[Part], step_costs: Sequence[float] | None = None) -> list[PartPlan]:
+    """One row per part; with measured ``step_costs`` (one per flow step) also each part's measured share."""
     flops = part_flops(model, parts)
     total = sum(flops)
+    measured = None
+    if step_costs:
+        costs = part_costs(step_costs, cuts_of(parts))
+        measured = [c / sum(costs) for c in costs]
     return [
         PartPlan(p.index, (p.steps.start + 1, p.steps.stop), len(p.layers), p.in_shape, p.out_shape,
-                 sum(x.numel() for x in p.parameters()), f, f / total)
-        for p, f in zip(parts, flops)
+                 sum(x.numel() for x in p.parameters()), f, f / total, measured[k] if measured else None)
+        for k, (p, f) in enumerate(zip(parts, flops))
     ]
 
 
-def scheme_parts(cfg: Config, model: Glow, scheme: str, count: int) -> list[Part]:
-    return split_into_parts(model, scheme, count, cfg.parts.cuts, cfg.parts.boundary_prior,
-                            step_flops(model) if scheme == "balanced" else ())
+def scheme_parts(cfg: Config, model: Glow, scheme: str, count: int,
+                 step_costs: Sequence[float] | None = None) -> list[Part]:
+    """The parts of ``scheme``; ``balanced`` balances ``step_costs`` if given, else the FLOP model."""
+    costs = (step_costs or step_flops(model)) if scheme == "balanced" else ()
+    return split_into_parts(model, scheme, count, cfg.parts.cuts, cfg.parts.boundary_prior, costs)
 
 
 def predicted_ratios(cfg: Config, model: Glow, parts: list[Part]) -> dict[str, float]:
@@ -42,3 +62,22 @@ def predicted_ratios(cfg: Config, model: Glow, parts: list[Part]) -> dict[str, f
     step = alternate_cost_ratio(part_flops(model, parts))
     t = cfg.train
     return {"alternate_step": step, "plan": paper_plan_ratio(step, t.by_parts_epochs, t.finetune_epochs)}
+
+
+def measured_alternate_ratio(train_costs: Sequence[float], forward_costs: Sequence[float], cuts: Sequence[int]) -> float:
+    """The alternate step's cost relative to end-to-end, from measured per-step costs.
+
+    Like :func:`pipeflow.flops.alternate_cost_ratio`, but with each part's measured training
+    and no_grad forward costs instead of 3 F and F.
+    """
+    train, forward = part_costs(train_costs, cuts), part_costs(forward_costs, cuts)
+    per_part = [sum(forward[:k]) + t for k, t in enumerate(train)]
+    return sum(per_part) / len(per_part) / sum(train)
+
+
+def pipeline_ratios(model: Glow, parts: list[Part], step_costs: Sequence[float] | None = None) -> dict[str, float]:
+    """A P-rank pipeline step relative to an end-to-end step: the costliest part's share."""
+    out = {"pipeline_step_flops": stage_cost_ratio(part_flops(model, parts))}
+    if step_costs:
+        out["pipeline_step_measured"] = stage_cost_ratio(part_costs(step_costs, cuts_of(parts)))
+    return out

@@ -1,0 +1,626 @@
+"""``pipeflow bench``: throughput, memory and communication of every way to train one config.
+
+On the same architecture, batch and data, and one process per rank (:mod:`pipeflow.bench_worker`):
+
+    e2e             end-to-end on one device (the baseline of every speed-up)
+    e2e xN threads  end-to-end in one process given all the ranks' threads (the same cores)
+    alternate       the paper's schedule on one device (one part trains per step)
+    pipeline 1 dev  every part on every batch, on one device (what the P ranks compute)
+    ddp             end-to-end data-parallel on P ranks (each a 1/P shard; all-reduces every gradient)
+    pipeline <cut>  the forward-only pipeline on P ranks, one part each, per split scheme
+
+A "device" on a CPU is ``--threads`` intra-op threads (default 1): P ranks get P x threads in
+all, the e2e baseline gets threads, and the "e2e xN threads" row shows what the same P x threads
+cores do for one end-to-end process. Images/s is the batch over the median step time after
+warm-up (for the P-rank pipeline: over the median interval between the last stage's
+updates); ``alternate`` takes the median step of each part and averages them over the parts.
+
+Next to each measurement stands its prediction: the FLOP model's (:mod:`pipeflow.flops`) and,
+with ``--measure-costs``, the model built from per-step costs measured on the device
+(:func:`pipeflow.balance.measure_step_costs`), which also gives the ``balanced-measured``
+split. The paper's plan (E1 epochs by parts, E2 end to end) is predicted relative to E1 + E2
+epochs end to end from both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pipeflow.config import Config, with_overrides
+from pipeflow.errors import UserError
+
+ALL_MODES = ("e2e", "e2e-threads", "alternate", "pipeline-1dev", "ddp", "pipeline")
+SCHEMES = ("blocks", "across", "balanced", "balanced-measured", "cuts")
+SCHEME_ALIASES = {"measured": "balanced-measured"}
+PAPER_PLAN = {2: 720 / 1026, 3: 647 / 1020}  # the paper's measured wall-time ratios (CIFAR-10 Glow, across)
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BenchOptions:
+    parts: int | None = None  # P (default: parts.count)
+    steps: int = 20  # timed steps
+    warmup: int = 3  # untimed steps first (at least 1)
+    batch: int | None = None  # images per step (default: train.batch_size); DDP ranks get batch/P each
+    threads: int = 1  # intra-op threads per device (process)
+    bandwidths: list[float] = field(default_factory=lambda: [0.0])  # bytes/s per rank link; 0: unthrottled
+    schemes: list[str] | None = None  # split schemes for the P-rank pipeline (default: configured + the others)
+    measure_costs: bool = False  # measure per-step costs on the device (balanced-measured split, predictions)
+    cost_repeats: int = 5
+    modes: list[str] | None = None  # subset of ALL_MODES
+    timeout_s: float = 1800.0  # per run
+    keep: Path | None = None  # keep the workers' specs and results here
+
+
+# ---------------------------------------------------------------- helpers
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _paper_config(cfg: Config, shape: tuple[int, int, int]) -> bool:
+    m = cfg.model
+    return (tuple(shape) == (3, 32, 32) and (m.levels, m.steps, m.hidden) == (3, 32, 512)
+            and cfg.parts.count in PAPER_PLAN)
+
+
+def parse_schemes(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    out = []
+    for s in (x.strip() for x in text.split(",")):
+        s = SCHEME_ALIASES.get(s, s)
+        if s not in SCHEMES:
+            raise UserError(f"unknown --scheme {s!r}; choose from {', '.join(SCHEMES)} (comma-separated)")
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def parse_modes(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ALL_MODES]
+    if bad:
+        raise UserError(f"unknown --only {', '.join(bad)}; choose from {', '.join(ALL_MODES)}")
+    return modes
+
+
+def _launch(spec: dict, world: int, work: Path, name: str, timeout_s: float) -> list[dict]:
+    """Run ``world`` worker processes on ``spec``; return each rank's result (raise on failure)."""
+    run_dir = work / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = {**spec, "out": str(run_dir), "world": world, "port": _free_port()}
+    spec_path = run_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    threads = str(spec["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    procs = []
+    for rank in range(world):
+        log = open(run_dir / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below)
+        procs.append((subprocess.Popen([sys.executable, "-m", "pipeflow.bench_worker", str(spec_path), str(rank)],
+                                       stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    deadline = time.monotonic() + timeout_s
+    failed = None
+    try:
+        for proc, _ in procs:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                failed = f"timed out after {timeout_s:.0f} s"
+                break
+            if proc.returncode != 0 and failed is None:
+                failed = f"a rank exited with status {proc.returncode}"
+                break
+    finally:
+        for proc, log in procs:  # stop only the processes this run started
+            if proc.poll() is None:
+                if failed:
+                    proc.kill()
+                proc.wait()
+            log.close()
+    results = []
+    for rank in range(world):
+        path = run_dir / f"rank{rank}.json"
+        result = json.loads(path.read_text()) if path.is_file() else None
+        if result is None or "error" in result:
+            detail = result["error"] if result else (run_dir / f"rank{rank}.log").read_text()[-800:].strip()
+            raise RuntimeError(f"{name}, rank {rank}: {detail or failed or 'no result'}")
+        results.append(result)
+    if failed:
+        raise RuntimeError(f"{name}: {failed}")
+    return results
+
+
+# ---------------------------------------------------------------- what each run measured
+
+def _single_metrics(result: dict, warmup: int, parts: int, schedule: str) -> dict:
+    times, active = result["step_seconds"][warmup:], result["active"][warmup:]
+    if schedule == "alternate":
+        by_part = [[t for t, a in zip(times, active) if a == [k]] for k in range(parts)]
+        per_part = [_median(ts) for ts in by_part if ts]
+        step = sum(per_part) / len(per_part)
+        extra = {"step_seconds_by_part": per_part}
+    else:
+        step = _median(times)
+        extra = {}
+    return {"step_seconds": step, "step_seconds_mean": statistics.fmean(times), "step_times": times, **extra,
+            "ranks": [{"rank": 0, "stage": None, "busy_fraction": 1.0, "busy_seconds_per_step": step,
+                       "idle_seconds_per_step": 0.0, **_memory(result)}],
+            "forward_bytes_per_step": 0, "backward_bytes_per_step": 0, "skipped_steps": result["skipped"]}
+
+
+def _memory(result: dict) -> dict:
+    m = result["memory"]
+    return {"peak_memory_bytes": m["peak_bytes"], "peak_memory_abs_bytes": m["peak_abs_bytes"],
+            "memory_source": m["source"]}
+
+
+def _ddp_metrics(results: list[dict], warmup: int) -> dict:
+    # the ranks wait for each other in every all-reduce: a step is as long as the slowest rank's
+    per_step = [max(ts) for ts in zip(*(r["step_seconds"][warmup:] for r in results))]
+    step = _median(per_step)
+    r0 = results[0]
+    return {"step_seconds": step, "step_seconds_mean": statistics.fmean(per_step), "step_times": per_step,
+            "ranks": [{"rank": r["rank"], "stage": None, "busy_fraction": None, "busy_seconds_per_step": None,
+                       "idle_seconds_per_step": None, **_memory(r)} for r in results],
+            "forward_bytes_per_step": 0,
+            # what DDP moves "backwards": every gradient, every step (per rank; the ring sends 2(P-1)/P of it)
+            "backward_bytes_per_step": r0["allreduce_bytes_per_step"],
+            "allreduce_bytes_per_step": r0["allreduce_bytes_per_step"],
+            "wire_bytes_per_rank_per_step": r0["wire_bytes_per_step"],
+            "skipped_steps": r0["skipped"], "params": r0["params"]}
+
+
+def _stage_metrics(results: list[dict], warmup: int, steps: int) -> dict:
+    last = results[-1]["intervals"]
+    ends = [e for _, e in last]
+    gaps = [b - a for a, b in zip(ends[warmup - 1 : warmup + steps - 1], ends[warmup : warmup + steps])]
+    step = _median(gaps)
+    ranks = []
+    for r in results:
+        iv = r["intervals"]
+        window = iv[warmup + steps - 1][1] - iv[warmup - 1][1]
+        busy = sum(e - s for s, e in iv[warmup : warmup + steps])
+        messages = r["forward_messages"]
+        fwd = (r["forward_bytes"] - 32) / (messages - 1) if messages > 1 else 0  # less the STOP header; INIT counts
+        ranks.append({"rank": r["rank"], "stage": r["stage"], "busy_fraction": busy / window if window > 0 else None,
+                      "busy_seconds_per_step": busy / steps, "idle_seconds_per_step": (window - busy) / steps,
+                      "forward_bytes_per_step": fwd, "wire_seconds": r["wire_seconds"], "params": r["params"],
+                      **_memory(r)})
+    return {"step_seconds": step, "step_seconds_mean": statistics.fmean(gaps), "step_times": gaps, "ranks": ranks,
+            "forward_bytes_per_step": max(x["forward_bytes_per_step"] for x in ranks),
+            "backward_bytes_per_step": sum(r["backward_bytes"] for r in results) / max(steps, 1),
+            "skipped_steps": sum(r["skipped"] for r in results)}
+
+
+# ---------------------------------------------------------------- the bench
+
+def bench(cfg: Config, opts: BenchOptions, log: Log | None = None, command: str | None = None) -> dict:
+    """Run every measurement ``opts`` asks for; return the report (every figure)."""
+    import torch  # noqa: PLC0415
+
+    from pipeflow.balance import balanced_cuts, part_costs  # noqa: PLC0415
+    from pipeflow.bench_worker import bench_batches  # noqa: PLC0415
+    from pipeflow.data import dataset_shape, load_dataset, n_bins  # noqa: PLC0415
+    from pipeflow.flops import (alternate_cost_ratio, data_parallel_cost_ratio, paper_plan_ratio,  # noqa: PLC0415
+                                part_flops, stage_cost_ratio, step_flops)
+    from pipeflow.parts import split_into_parts  # noqa: PLC0415
+    from pipeflow.plan import cuts_of, describe_parts, measured_alternate_ratio, scheme_parts  # noqa: PLC0415
+    from pipeflow.setup import build_model, resolve_device  # noqa: PLC0415
+
+    log = log or (lambda message: None)
+    started = time.time()
+    P = opts.parts or cfg.parts.count
+    B = opts.batch or cfg.train.batch_size
+    if P < 2:
+        raise UserError("bench compares P ranks with one device: give --parts 2 or more")
+    if opts.steps < 1 or opts.warmup < 1:
+        raise UserError("bench needs --steps >= 1 and --warmup >= 1")
+    if opts.threads < 1:
+        raise UserError("--threads must be at least 1")
+    if any(bw < 0 for bw in opts.bandwidths):
+        raise UserError("--bandwidth must be 0 (unthrottled) or a positive number of bytes/s")
+    modes = list(opts.modes or ALL_MODES)
+    if "ddp" in modes and B % P:
+        raise UserError(f"--batch {B} must be a multiple of --parts {P}: DDP gives each rank batch/P images")
+    cfg = with_overrides(cfg, [f"parts.count={P}", f"train.batch_size={B}"])
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and ("ddp" in modes or "pipeline" in modes) and torch.cuda.device_count() < P:
+        raise UserError(f"{P} ranks need {P} GPUs, {torch.cuda.device_count()} visible; "
+                        "use --parts or --set train.device=cpu")
+    shape = dataset_shape(cfg.data)
+    data = load_dataset(cfg.data)
+    bins = n_bins(data, cfg.data.n_bits)
+    if len(data.x_train) < B:
+        raise UserError(f"--batch {B} is larger than the {len(data.x_train)} training images")
+    batches = bench_batches(cfg, B, 1 + opts.warmup + opts.steps, data)  # the same images for every run
+    del data
+    model = build_model(cfg, shape)
+    flops = step_flops(model)
+
+    schemes = opts.schemes or [cfg.parts.scheme] + [s for s in ("blocks", "across", "balanced") if s != cfg.parts.scheme]
+    if opts.measure_costs and "balanced-measured" not in schemes:
+        schemes.append("balanced-measured")
+    measure = "balanced-measured" in schemes
+    base_spec = {"config": cfg.to_dict(), "batch": B, "warmup": opts.warmup, "steps": opts.steps,
+                 "threads": opts.threads, "bandwidth": 0.0, "n_bins": bins, "device": device.type,
+                 "timeout_s": cfg.distributed.timeout_s, "cuts": []}
+    work = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="pipeflow-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    base_spec["batches"] = str(work / "batches.pt")
+    torch.save(torch.stack(batches), base_spec["batches"])
+    del batches
+    report: dict = {
+        "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device.type,
+                    "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+                    "load_before": _load()},
+        "settings": {"parts": P, "batch": B, "steps": opts.steps, "warmup": opts.warmup,
+                     "threads_per_rank": opts.threads, "bandwidths": opts.bandwidths, "schemes": schemes,
+                     "modes": modes, "image_shape": list(shape), "n_bins": bins,
+                     "model": cfg.model.__dict__, "epochs": {"by_parts": cfg.train.by_parts_epochs,
+                                                             "finetune": cfg.train.finetune_epochs}},
+        "config": cfg.to_dict(), "step_costs": {"flops": flops}, "splits": {}, "runs": [], "notes": [],
+    }
+    try:
+        measured_train = measured_forward = None
+        if measure:
+            log(f"measuring the cost of each of the {len(flops)} flow steps on {device.type} ...")
+            try:
+                (res,) = _launch({**base_spec, "mode": "costs", "repeats": opts.cost_repeats}, 1, work, "costs",
+                                 opts.timeout_s)
+                measured_train, measured_forward = res["train_seconds"], res["forward_seconds"]
+                report["step_costs"].update(measured_train_seconds=measured_train,
+                                            measured_forward_seconds=measured_forward)
+            except RuntimeError as exc:
+                report["notes"].append(f"measuring step costs failed: {exc}")
+                schemes = [s for s in schemes if s != "balanced-measured"]
+
+        # the splits: cuts, FLOP share and measured share of each part
+        splits: dict[str, dict] = {}
+        for scheme in schemes:
+            try:
+                if scheme == "balanced-measured":
+                    parts = split_into_parts(model, "cuts", P, balanced_cuts(measured_train, P),
+                                             cfg.parts.boundary_prior)
+                else:
+                    parts = scheme_parts(cfg, model, scheme, P)
+            except UserError as exc:
+                report["notes"].append(f"scheme {scheme}: {exc}")
+                continue
+            cuts = cuts_of(parts)
+            rows = describe_parts(model, parts, measured_train)
+            pf = part_flops(model, parts)
+            same = next((s for s, v in splits.items() if v["cuts"] == cuts), None)
+            splits[scheme] = {
+                "cuts": cuts, "same_as": same,
+                "parts": [{"steps": list(r.steps), "params": r.params, "flops": r.flops, "flop_share": r.share,
+                           "measured_share": r.measured_share, "in_shape": list(r.in_shape),
+                           "out_shape": list(r.out_shape)} for r in rows],
+                "flop_model": {"alternate_step": alternate_cost_ratio(pf), "pipeline_step": stage_cost_ratio(pf)},
+            }
+            if measured_train:
+                splits[scheme]["measured_model"] = {
+                    "alternate_step": measured_alternate_ratio(measured_train, measured_forward, cuts),
+                    "pipeline_step": stage_cost_ratio(part_costs(measured_train, cuts))}
+        report["splits"] = splits
+        if not splits:
+            raise UserError("none of the split schemes fits this model: " + "; ".join(report["notes"]))
+        primary = next(iter(splits))
+
+        def record(name: str, kind: str, metrics: dict, **extra) -> None:
+            entry = {"name": name, "kind": kind, **extra, **metrics, "load_after": _load()}
+            entry["images_per_s"] = B / entry["step_seconds"] if entry["step_seconds"] > 0 else None
+            report["runs"].append(entry)
+            log(f"  {name}: {entry['images_per_s']:.1f} images/s, step {1000 * entry['step_seconds']:.1f} ms")
+
+        def attempt(name: str, fn) -> None:
+            log(f"run {name} ...")
+            try:
+                fn()
+            except RuntimeError as exc:
+                report["runs"].append({"name": name, "error": str(exc)})
+                log(f"  {name} failed: {exc}")
+
+        def single(name, schedule, cuts, threads, scheme=None):
+            def go():
+                (res,) = _launch({**base_spec, "mode": "single", "schedule": schedule, "cuts": cuts,
+                                  "threads": threads}, 1, work, name, opts.timeout_s)
+                record(name, "single", _single_metrics(res, opts.warmup, len(cuts) + 1, schedule),
+                       schedule=schedule, scheme=scheme, cuts=cuts, ranks_count=1, threads_per_rank=threads,
+                       bandwidth=None)
+            attempt(name, go)
+
+        if "e2e" in modes:
+            single("e2e", "e2e", [], opts.threads)
+        if "e2e-threads" in modes:
+            single(f"e2e x{P * opts.threads} threads", "e2e", [], P * opts.threads)
+        if "alternate" in modes:
+            single(f"alternate {primary}", "alternate", splits[primary]["cuts"], opts.threads, primary)
+        if "pipeline-1dev" in modes:
+            single(f"pipeline {primary} 1 dev", "pipeline", splits[primary]["cuts"], opts.threads, primary)
+        for bw in opts.bandwidths:
+            link = f" @{_fmt_bw(bw)}" if bw else ""
+            if "ddp" in modes:
+                def go_ddp(bw=bw, link=link):
+                    res = _launch({**base_spec, "mode": "ddp", "bandwidth": bw}, P, work, f"ddp{_slug(bw)}",
+                                  opts.timeout_s)
+                    record(f"ddp x{P}{link}", "ddp", _ddp_metrics(res, opts.warmup), schedule="e2e", scheme=None,
+                           cuts=[], ranks_count=P, threads_per_rank=opts.threads, bandwidth=bw)
+                attempt(f"ddp x{P}{link}", go_ddp)
+            if "pipeline" in modes:
+                for scheme, split in splits.items():
+                    name = f"pipeline {scheme} x{P}{link}"
+                    if split["same_as"]:
+                        report["notes"].append(f"{name}: the same cuts as {split['same_as']}, not run again")
+                        continue
+
+                    def go_pipe(scheme=scheme, split=split, bw=bw, name=name):
+                        res = _launch({**base_spec, "mode": "stage", "bandwidth": bw, "cuts": split["cuts"]}, P, work,
+                                      f"pipeline-{scheme}{_slug(bw)}", opts.timeout_s)
+                        record(name, "pipeline", _stage_metrics(res, opts.warmup, opts.steps), schedule="pipeline",
+                               scheme=scheme, cuts=split["cuts"], ranks_count=P, threads_per_rank=opts.threads,
+                               bandwidth=bw)
+                    attempt(name, go_pipe)
+    finally:
+        if not opts.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    report["machine"]["load_after"] = _load()
+    report["seconds"] = time.time() - started
+    _derive(report, cfg, shape, P, paper_plan_ratio, data_parallel_cost_ratio)
+    return report
+
+
+def _fmt_bw(bw: float) -> str:
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if bw >= scale:
+            return f"{bw / scale:g} {unit}"
+    return f"{bw:g} B/s"
+
+
+def _slug(bw: float) -> str:
+    return f"-bw{int(bw)}" if bw else ""
+
+
+def _derive(report: dict, cfg: Config, shape, P: int, paper_plan_ratio, data_parallel_cost_ratio) -> None:
+    """Speed-ups, ratios to end-to-end, predictions of the paper's plan, and the targets."""
+    runs = [r for r in report["runs"] if "error" not in r]
+    e2e = next((r for r in runs if r["name"] == "e2e"), None)
+    splits = report["splits"]
+    for r in runs:
+        r["speedup"] = r["images_per_s"] / e2e["images_per_s"] if e2e else None
+        r["step_ratio"] = r["step_seconds"] / e2e["step_seconds"] if e2e else None
+        split = splits.get(r.get("scheme")) or {}
+        fm, mm = split.get("flop_model", {}), split.get("measured_model", {})
+        if r["kind"] == "ddp":
+            r["flop_model_step_ratio"] = data_parallel_cost_ratio(P)
+        elif r["kind"] == "pipeline":
+            r["flop_model_step_ratio"] = fm.get("pipeline_step")
+            r["measured_model_step_ratio"] = mm.get("pipeline_step")
+        elif r["schedule"] == "alternate":
+            r["flop_model_step_ratio"] = fm.get("alternate_step")
+            r["measured_model_step_ratio"] = mm.get("alternate_step")
+        elif r["threads_per_rank"] == report["settings"]["threads_per_rank"]:
+            r["flop_model_step_ratio"] = 1.0
+
+    e1, e2 = cfg.train.by_parts_epochs, cfg.train.finetune_epochs
+    pred: dict = {"by_parts_epochs": e1, "finetune_epochs": e2}
+    alt = next((r for r in runs if r.get("schedule") == "alternate"), None)
+    if alt:
+        pred["alternate"] = {
+            "scheme": alt["scheme"],
+            "step_ratio": {"flop_model": alt.get("flop_model_step_ratio"),
+                           "measured_cost_model": alt.get("measured_model_step_ratio"),
+                           "measured": alt["step_ratio"]},
+            "plan_ratio": {k: (paper_plan_ratio(v, e1, e2) if v is not None else None) for k, v in
+                           (("flop_model", alt.get("flop_model_step_ratio")),
+                            ("measured_cost_model", alt.get("measured_model_step_ratio")),
+                            ("measured", alt["step_ratio"]))},
+        }
+    if _paper_config(cfg, shape):
+        pred["paper_plan_ratio"] = PAPER_PLAN[P]
+        pred["paper_note"] = ("the paper measured 720 / 1026 min (2 parts) and 647 / 1020 min (3 parts) "
+                              "for 60 by-parts + 30 end-to-end epochs against 90 end-to-end epochs")
+    pipes = [r for r in runs if r["kind"] == "pipeline" and not r.get("bandwidth")]
+    ddp = next((r for r in runs if r["kind"] == "ddp" and not r.get("bandwidth")), None)
+    if pipes:
+        best = min(pipes, key=lambda r: r["step_seconds"])
+        ft_measured = ddp["step_ratio"] if ddp else None
+        total = e1 + e2
+        pred["distributed"] = {
+            "scheme": best["scheme"], "finetune": "ddp",
+            "step_ratio": {"flop_model": best.get("flop_model_step_ratio"), "measured": best["step_ratio"],
+                           "ddp_measured": ft_measured, "ddp_flop_model": data_parallel_cost_ratio(P)},
+            # (E1 pipeline epochs + E2 DDP epochs on P ranks) / (E1 + E2) end-to-end epochs on one device
+            "plan_ratio_vs_one_device": {
+                "flop_model": (e1 * best["flop_model_step_ratio"] + e2 * data_parallel_cost_ratio(P)) / total
+                if total and best.get("flop_model_step_ratio") is not None else None,
+                "measured": (e1 * best["step_ratio"] + e2 * ft_measured) / total if total and ft_measured else None},
+            # ... against (E1 + E2) DDP epochs on the same P ranks
+            "plan_ratio_vs_ddp": ((e1 * best["step_ratio"] + e2 * ft_measured) / (total * ft_measured)
+                                  if total and ft_measured else None),
+        }
+    report["predictions"] = pred
+    report["targets"] = _targets(report, runs, e2e, P)
+
+
+def _targets(report: dict, runs: list[dict], e2e: dict | None, P: int) -> list[dict]:
+    """The issue's targets, each with its value and whether it was met here (not asserted anywhere)."""
+    out = []
+    if not e2e:
+        return out
+    threads = report["settings"]["threads_per_rank"]
+    pipes = [r for r in runs if r["kind"] == "pipeline"]
+    balanced = [r for r in pipes if r["scheme"] in ("balanced", "balanced-measured")] or pipes
+    for bw in sorted({r["bandwidth"] for r in pipes}):
+        at = [r for r in balanced if r["bandwidth"] == bw]
+        if not at:
+            continue
+        best = max(at, key=lambda r: r["images_per_s"])
+        link = f" (link {_fmt_bw(bw)})" if bw else ""
+        if not bw:
+            if P == 2 and threads == 1:
+                best_any = max((r for r in pipes if not r["bandwidth"]), key=lambda r: r["images_per_s"])
+                out.append({"target": "2 ranks x 1 thread >= 1.8x e2e (1 thread) images/s", "run": best_any["name"],
+                            "value": best_any["speedup"], "threshold": 1.8, "met": best_any["speedup"] >= 1.8})
+            out.append({"target": f"balanced split on {P} ranks >= 0.9 x {P} x e2e images/s", "run": best["name"],
+                        "value": best["speedup"], "threshold": 0.9 * P, "met": best["speedup"] >= 0.9 * P})
+            peak = max(x["peak_memory_bytes"] for x in best["ranks"])
+            e2e_peak = e2e["ranks"][0]["peak_memory_bytes"]
+            ratio = peak / e2e_peak if e2e_peak else None
+            out.append({"target": f"peak memory per rank <= 1.1 x e2e's / {P}", "run": best["name"], "value": ratio,
+                        "threshold": 1.1 / P, "met": ratio is not None and ratio <= 1.1 / P,
+                        "note": f"max over ranks {peak / 2**20:.1f} MiB vs e2e {e2e_peak / 2**20:.1f} MiB "
+                                f"(the looser reading, 1/{P} + 10% of e2e = {1 / P + 0.1:.2f}, "
+                                f"{'met' if ratio is not None and ratio <= 1 / P + 0.1 else 'missed'})"})
+        ddp = next((r for r in runs if r["kind"] == "ddp" and r["bandwidth"] == bw), None)
+        if ddp:
+            out.append({"target": f"balanced pipeline >= DDP images/s on the same {P} ranks{link}", "run": best["name"],
+                        "value": best["images_per_s"] / ddp["images_per_s"], "threshold": 1.0,
+                        "met": best["images_per_s"] >= ddp["images_per_s"]})
+    alt = next((r for r in runs if r.get("schedule") == "alternate"), None)
+    if alt:
+        out.append({"target": "alternate step time <= 0.6 x e2e's (the paper's CIFAR-10 config)", "run": alt["name"],
+                    "value": alt["step_ratio"], "threshold": 0.6, "met": alt["step_ratio"] <= 0.6,
+                    "note": None if report["predictions"].get("paper_plan_ratio") else
+                    "this config is not the paper's CIFAR-10 Glow: the threshold is the paper config's"})
+    return out
+
+
+# ---------------------------------------------------------------- on screen
+
+def _f(x, fmt: str = "{:.2f}", none: str = "-") -> str:
+    return none if x is None else fmt.format(x)
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / 2**20:.0f}" if b >= 10 * 2**20 else f"{b / 2**20:.1f}"
+
+
+def _bytes(b) -> str:
+    if not b:
+        return "0"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= scale:
+            return f"{b / scale:.3g} {unit}"
+    return f"{b:.0f} B"
+
+
+def render(report: dict, console) -> None:
+    from rich.table import Table  # noqa: PLC0415
+
+    s = report["settings"]
+    runs = report["runs"]
+    title = (f"pipeflow bench: {s['parts']} parts, batch {s['batch']}, {s['steps']} timed steps after {s['warmup']}, "
+             f"{s['threads_per_rank']} thread(s) per device, {report['machine']['device']}")
+    t = Table(title=title)
+    measured = any(r.get("measured_model_step_ratio") is not None for r in runs)
+    cols = ["run", "ranks", "img/s", "speed-up", "step ms", "/e2e", "FLOPs", *(["costs"] if measured else []),
+            "busy", "idle ms", "peak MiB", "fwd B", "bwd B"]
+    for col in cols:
+        t.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
+    for r in runs:
+        if "error" in r:
+            t.add_row(r["name"], *["" for _ in cols[2:]], "failed")
+            continue
+        ranks = r["ranks"]
+        pipe = r["kind"] == "pipeline"
+        busy = "/".join(_f(x["busy_fraction"], "{:.0%}") for x in ranks) if pipe else "-"
+        idle = "/".join(_f(x["idle_seconds_per_step"] * 1000, "{:.0f}") for x in ranks) if pipe else "-"
+        peak = "/".join(_mib(x["peak_memory_bytes"]) for x in ranks)
+        t.add_row(r["name"], f"{r['ranks_count']}x{r['threads_per_rank']}", f"{r['images_per_s']:.1f}",
+                  _f(r.get("speedup"), "{:.2f}x"), f"{1000 * r['step_seconds']:.1f}", _f(r.get("step_ratio"), "{:.3f}"),
+                  _f(r.get("flop_model_step_ratio"), "{:.3f}"),
+                  *([_f(r.get("measured_model_step_ratio"), "{:.3f}")] if measured else []), busy, idle, peak,
+                  _bytes(r.get("forward_bytes_per_step")), _bytes(r.get("backward_bytes_per_step")))
+    t.caption = ("ranks: processes x threads; a/b: rank 0/rank 1; speed-up: images/s over e2e's; /e2e: step time over "
+                 "e2e's (P-rank pipeline: the interval between the last stage's updates); FLOPs"
+                 + (", costs" if measured else "") + ": that ratio as the FLOP model"
+                 + (" and the measured step costs" if measured else "") + " predict it; busy: share of the time in updates; idle ms: per step; "
+                 "peak: above the process's baseline; fwd, bwd B: sent per step (DDP: gradients all-reduced per rank)")
+    console.print(t)
+
+    if report["splits"]:
+        st = Table(title="splits: the share of each part, and what each stage did on the P ranks")
+        for col in ("scheme", "cuts", "FLOP share", "measured share", "stage busy ms/step", "idle ms/step", "images/s"):
+            st.add_column(col, justify="right" if col != "scheme" else "left")
+        for scheme, sp in report["splits"].items():
+            run = next((r for r in runs if r.get("kind") == "pipeline" and r.get("scheme") == (sp["same_as"] or scheme)
+                        and not r.get("bandwidth") and "error" not in r), None)
+            st.add_row(scheme + (f" (= {sp['same_as']})" if sp["same_as"] else ""), ",".join(map(str, sp["cuts"])),
+                       "/".join(f"{p['flop_share']:.0%}" for p in sp["parts"]),
+                       "/".join(_f(p["measured_share"], "{:.0%}") for p in sp["parts"]),
+                       "/".join(f"{x['busy_seconds_per_step'] * 1000:.0f}" for x in run["ranks"]) if run else "-",
+                       "/".join(f"{x['idle_seconds_per_step'] * 1000:.0f}" for x in run["ranks"]) if run else "-",
+                       f"{run['images_per_s']:.1f}" if run else "-")
+        console.print(st)
+
+    pred = report.get("predictions", {})
+    pt = Table(title=f"predictions: {pred.get('by_parts_epochs')} epochs by parts + {pred.get('finetune_epochs')} "
+                     f"end to end, against all end to end")
+    for col in ("quantity", "FLOP model", "cost model", "measured", "paper"):
+        pt.add_column(col, justify="right" if col != "quantity" else "left")
+    if "alternate" in pred:
+        a = pred["alternate"]
+        pt.add_row(f"alternate ({a['scheme']}) step / e2e step", _f(a["step_ratio"]["flop_model"], "{:.3f}"),
+                   _f(a["step_ratio"]["measured_cost_model"], "{:.3f}"), _f(a["step_ratio"]["measured"], "{:.3f}"), "")
+        pt.add_row("plan on one device / e2e", _f(a["plan_ratio"]["flop_model"], "{:.3f}"),
+                   _f(a["plan_ratio"]["measured_cost_model"], "{:.3f}"), _f(a["plan_ratio"]["measured"], "{:.3f}"),
+                   _f(pred.get("paper_plan_ratio"), "{:.3f}", ""))
+    if "distributed" in pred:
+        d = pred["distributed"]
+        pt.add_row(f"pipeline ({d['scheme']}) on P ranks, step / e2e step", _f(d["step_ratio"]["flop_model"], "{:.3f}"),
+                   "", _f(d["step_ratio"]["measured"], "{:.3f}"), "")
+        pt.add_row("plan on P ranks (DDP fine-tuning) / e2e on one device",
+                   _f(d["plan_ratio_vs_one_device"]["flop_model"], "{:.3f}"), "",
+                   _f(d["plan_ratio_vs_one_device"]["measured"], "{:.3f}"), "")
+        pt.add_row("plan on P ranks / DDP on P ranks", "", "", _f(d["plan_ratio_vs_ddp"], "{:.3f}"), "")
+    console.print(pt)
+
+    if report.get("targets"):
+        tt = Table(title="targets (informative: never asserted in tests)")
+        for col in ("target", "run", "value", "threshold", "met"):
+            tt.add_column(col, justify="left" if col in ("target", "run") else "right")
+        for x in report["targets"]:
+            tt.add_row(x["target"], x["run"], _f(x["value"], "{:.3f}"), f"{x['threshold']:.3f}",
+                       "[green]yes[/green]" if x["met"] else "[red]no[/red]")
+        console.print(tt)
+    for note in report.get("notes", []):
+        console.print(f"[dim]note: {note}[/dim]")
+    m = report["machine"]
+    console.print(f"[dim]load average before {m['load_before']}, after {m['load_after']} on {m['cpu_count']} CPUs; "
+                  f"{report['seconds']:.0f} s[/dim]")
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))

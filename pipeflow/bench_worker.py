@@ -1,0 +1,429 @@
+"""One process of ``pipeflow bench``: times training steps of one configuration and reports.
+
+    python -m pipeflow.bench_worker SPEC.json RANK
+
+``pipeflow bench`` (:mod:`pipeflow.bench`) starts one such process per rank, with the spec
+it wrote, and reads back ``rank{RANK}.json`` from the spec's ``out`` folder. Every mode
+drives the library's own training code; only the clock around it is new:
+
+* ``single`` -- one process: :func:`pipeflow.train.train_step` of a schedule (``e2e``,
+  ``alternate`` or ``pipeline``) over the parts, exactly as ``pipeflow train`` runs it.
+* ``ddp``    -- P processes, end-to-end data-parallel: :class:`PartTrainer` of the whole
+  model wrapped in DistributedDataParallel, each rank a 1/P shard of every batch (what
+  ``pipeflow.launch`` does with ``train.schedule = "e2e"``). A communication hook counts
+  the all-reduced bytes and, given a bandwidth, paces them (see :class:`PacedAllReduce`).
+* ``stage``  -- P processes, the forward-only pipeline: rank r holds part r only and runs
+  :func:`pipeflow.distributed.pipeline.run_stage` with the real Inbox/Outbox transport
+  (the Outbox paces forward sends to the bandwidth).
+* ``costs``  -- one process: :func:`pipeflow.balance.measure_step_costs`.
+
+Memory: the increase of the process's resident set (CPU) or of CUDA allocated memory
+from just before the model is built (after imports, the process group and the batches)
+to its peak while training; on CPU the kernel's high-water mark is reset once the model
+is built and what the rank does not hold is freed, so a pipeline rank's figure is its
+part, its optimiser, its activations and its messages.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeflow.config import Config, from_dict
+from pipeflow.data import Batches, ImageData, load_dataset
+from pipeflow.part_trainer import PartTrainer, make_optimizer
+from pipeflow.parts import Part, split_into_parts, whole_model_part
+from pipeflow.setup import build_model
+
+
+# ---------------------------------------------------------------- memory
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _anon_bytes() -> int | None:
+    """Resident memory that is not file-backed (heap, tensors, thread stacks), from /proc/self/statm."""
+    try:
+        with open("/proc/self/statm") as f:
+            fields = f.read().split()
+        return (int(fields[1]) - int(fields[2])) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _load_lazy_modules() -> None:
+    """One tiny convolution update: the first optimiser step imports much of torch lazily (some 80 MiB
+    of Python modules), which is no part of what training holds."""
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+    for name in ("adam", "adamax"):
+        opt = make_optimizer(list(conv.parameters()), name, 0.0)
+        conv(torch.zeros(1, 2, 4, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+class Memory:
+    """Peak memory of this process above a baseline.
+
+    On CUDA: ``max_memory_allocated``. On CPU the resident set counts more than tensors: the
+    pages of torch's shared libraries that the first use of each kernel brings in (well over
+    100 MiB, the same for a tiny model as for a large one). So the figure is the peak of the
+    *anonymous* resident memory (resident minus file-backed, /proc/self/statm), sampled every
+    ``interval`` seconds by a thread while the steps run (activations live for a whole
+    forward/backward pass, far longer than that); the kernel's high-water mark of the whole
+    resident set (VmHWM, reset after set-up) is reported beside it.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.device, self.interval = device, interval
+        self.can_reset = False
+        self.baseline = self.baseline_rss = 0
+        self.peak_anon = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _rss(self) -> int:
+        kb = _status_kb("VmRSS")
+        return kb * 1024 if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def mark_baseline(self) -> None:
+        """Just before the model is built (after a throw-away update has loaded what the first one loads)."""
+        _load_lazy_modules()
+        gc.collect()
+        if self.device.type == "cuda":
+            self.baseline = torch.cuda.memory_allocated(self.device)
+        else:
+            self.baseline = _anon_bytes() or 0
+        self.baseline_rss = self._rss()
+
+    def reset_peak(self) -> None:
+        """Forget the peak so far (building the model, freeing what this rank does not hold); start watching."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:  # 5: reset the peak resident set size (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.can_reset = True
+        except OSError:
+            self.can_reset = False
+        if self.device.type != "cuda" and _anon_bytes() is not None:
+            self.peak_anon = _anon_bytes()
+            self._thread = threading.Thread(target=self._watch, name="memory", daemon=True)
+            self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = _anon_bytes()
+            if now is not None and now > self.peak_anon:
+                self.peak_anon = now
+
+    def report(self) -> dict:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        hwm = _status_kb("VmHWM") if self.can_reset else None
+        rss_peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if self.device.type == "cuda":
+            peak, source = torch.cuda.max_memory_allocated(self.device), "cuda max_memory_allocated"
+        elif self._thread is not None:
+            peak, source = self.peak_anon, "anonymous resident memory, sampled"
+        else:
+            peak, source = rss_peak, "VmHWM" if self.can_reset else "ru_maxrss"
+            self.baseline = self.baseline_rss
+        return {"peak_bytes": max(peak - self.baseline, 0), "peak_abs_bytes": peak, "baseline_bytes": self.baseline,
+                "source": source, "peak_rss_bytes": max(rss_peak - self.baseline_rss, 0),
+                "peak_rss_abs_bytes": rss_peak}
+
+
+# ---------------------------------------------------------------- set-up
+
+def bench_batches(cfg: Config, batch: int, count: int, data: ImageData | None = None) -> list[torch.Tensor]:
+    """The first ``count`` training batches of the config's data (epochs repeat if it has fewer)."""
+    data = data or load_dataset(cfg.data)
+    batches = Batches(data.x_train, data.levels, cfg.data.n_bits, batch, cfg.train.seed)
+    out: list[torch.Tensor] = []
+    epoch = 0
+    while len(out) < count:
+        for x in batches.epoch(epoch):
+            out.append(x)
+            if len(out) == count:
+                break
+        epoch += 1
+    return out
+
+
+def _batches(spec: dict) -> list[torch.Tensor]:
+    """The batches the parent wrote once for every run (so every run sees the same images)."""
+    return list(torch.load(spec["batches"], weights_only=True))
+
+
+def build_parts_from_cuts(cfg: Config, cuts: list[int]) -> tuple[torch.nn.Module, list[Part]]:
+    """The model (seeded as every entry point seeds it) and its parts at explicit cut points."""
+    from pipeflow.data import dataset_shape  # noqa: PLC0415
+
+    model = build_model(cfg, dataset_shape(cfg.data))
+    if not cuts:
+        return model, [whole_model_part(model)]
+    return model, split_into_parts(model, "cuts", len(cuts) + 1, cuts, cfg.parts.boundary_prior)
+
+
+def _device(spec: dict, rank: int) -> torch.device:
+    if spec["device"] == "cuda":
+        return torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- modes
+
+def run_single(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
+    from pipeflow.schedules import active_parts  # noqa: PLC0415
+    from pipeflow.train import train_step  # noqa: PLC0415
+
+    cfg = from_dict(spec["config"])
+    batches = _batches(spec)
+    memory.mark_baseline()
+    model, parts = build_parts_from_cuts(cfg, spec["cuts"])
+    for part in parts:
+        part.to(device)
+    c, h, w = model.input_shape
+    with torch.no_grad():  # ActNorm init from the first batch, as `pipeflow train` does
+        x = batches[0].to(device)
+        for part in parts:
+            x = part(x)[0]
+    t = cfg.train
+    lrs = [t.part_lrs[k] if t.part_lrs and len(parts) > 1 else t.lr for k in range(len(parts))]
+    trainers = [PartTrainer(p, lrs[k], t, c * h * w, spec["n_bins"]) for k, p in enumerate(parts)]
+    memory.reset_peak()
+    times, actives = [], []
+    for i, x in enumerate(batches[1:]):
+        active = active_parts(spec["schedule"], len(parts), 0, i, 1, 1)  # alternate: turns of one step
+        x = x.to(device)
+        t0 = time.perf_counter()
+        train_step(trainers, active, x)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        actives.append(active)
+    return {"step_seconds": times, "active": actives, "rank": rank, "stage": 0, "memory": memory.report(),
+            "skipped": sum(tr.skipped for tr in trainers)}
+
+
+class PacedAllReduce:
+    """DDP communication hook state: all-reduce each gradient bucket (averaging, as DDP's
+    default hook does), count its bytes and, given a bandwidth, hold the bucket until a link
+    of that many bytes/s per rank could have carried it.
+
+    A ring all-reduce makes every rank send 2 (W-1)/W of the bucket; buckets queue on the
+    link one after another (a bucket cannot start before the previous one is through), and
+    the backward pass goes on meanwhile, as it does with the default hook.
+    """
+
+    def __init__(self, world: int, bandwidth: float):
+        self.world, self.bandwidth = world, bandwidth
+        self.payload_bytes = 0
+        self.wire_bytes = 0.0
+        self.buckets = 0
+        self.link_free_at = 0.0
+        self.lock = threading.Lock()
+
+    def reset(self) -> None:
+        self.payload_bytes, self.wire_bytes, self.buckets = 0, 0.0, 0
+
+
+def paced_allreduce_hook(state: PacedAllReduce, bucket):  # no annotation: DDP checks it literally
+    tensor = bucket.buffer()
+    nbytes = tensor.numel() * tensor.element_size()
+    wire = 2.0 * (state.world - 1) / state.world * nbytes
+    state.payload_bytes += nbytes
+    state.wire_bytes += wire
+    state.buckets += 1
+    tensor.div_(state.world)
+    fut = dist.all_reduce(tensor, async_op=True).get_future()
+    if state.bandwidth <= 0:
+        return fut.then(lambda f: f.value()[0])
+    with state.lock:
+        state.link_free_at = max(state.link_free_at, time.perf_counter()) + wire / state.bandwidth
+        due = state.link_free_at
+
+    def paced(f):
+        lag = due - time.perf_counter()
+        if lag > 0:
+            time.sleep(lag)
+        return f.value()[0]
+
+    return fut.then(paced)
+
+
+def run_ddp(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
+
+    cfg = from_dict(spec["config"])
+    world = spec["world"]
+    batches = _batches(spec)
+    memory.mark_baseline()
+    model, (whole,) = build_parts_from_cuts(cfg, [])
+    model.to(device)
+    model.initialize(batches[0].to(device))  # every rank from the whole first batch, as pipeflow.launch does
+    hook = PacedAllReduce(world, spec["bandwidth"])
+
+    def wrap(module):
+        ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp.register_comm_hook(hook, paced_allreduce_hook)
+        return ddp
+
+    c, h, w = model.input_shape
+    trainer = PartTrainer(whole, cfg.train.lr, cfg.train, c * h * w, spec["n_bins"], wrap=wrap, name="whole model")
+    memory.reset_peak()
+    times = []
+    rows = spec["batch"] // world
+    for i, x in enumerate(batches[1:]):
+        if i == spec["warmup"]:
+            hook.reset()
+        x = x[rank * rows : (rank + 1) * rows].to(device)
+        t0 = time.perf_counter()
+        trainer.train_step(x, torch.zeros(len(x), device=device))
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    timed = max(spec["steps"], 1)
+    return {"step_seconds": times, "rank": rank, "stage": 0, "memory": memory.report(), "skipped": trainer.skipped,
+            "allreduce_bytes_per_step": hook.payload_bytes / timed, "wire_bytes_per_step": hook.wire_bytes / timed,
+            "buckets_per_step": hook.buckets / timed,
+            "params": sum(p.numel() for p in whole.parameters())}
+
+
+class TimedTrainer:
+    """A stage trainer that records when each update starts and ends (perf_counter: one clock for
+    every process of the machine, so the ranks' timelines line up)."""
+
+    def __init__(self, inner: PartTrainer, device: torch.device):
+        self.inner, self.device = inner, device
+        self.intervals: list[tuple[float, float]] = []
+
+    def train_step(self, h, carry):
+        t0 = time.perf_counter()
+        out = self.inner.train_step(h, carry)
+        _sync(self.device)
+        self.intervals.append((t0, time.perf_counter()))
+        return out
+
+    def forward(self, h, carry):
+        return self.inner.forward(h, carry)
+
+
+def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
+    from pipeflow.distributed.pipeline import StageReport, data_messages, inbox_messages, run_stage  # noqa: PLC0415
+    from pipeflow.distributed.transport import Counters, Inbox, Outbox  # noqa: PLC0415
+
+    cfg = from_dict(spec["config"])
+    world = spec["world"]
+    batches = _batches(spec) if rank == 0 else []
+    memory.mark_baseline()
+    model, parts = build_parts_from_cuts(cfg, spec["cuts"])
+    c, h, w = model.input_shape
+    part = parts[rank]
+    params = sum(p.numel() for p in part.parameters())
+    del model, parts  # this rank holds its part only
+    part.to(device)
+    t = cfg.train
+    lr = t.part_lrs[rank] if t.part_lrs else t.lr
+    trainer = TimedTrainer(PartTrainer(part, lr, t, c * h * w, spec["n_bins"], name=f"part {rank}"), device)
+    counters = Counters()
+    timeout = cfg.distributed.timeout_s
+    if rank == 0:
+        messages = data_messages(1, lambda e: iter(batches[1:]), None, batches[0], device)
+    else:
+        messages = inbox_messages(Inbox(rank, rank - 1, part.in_shape, device, timeout))
+    outbox = None
+    if rank < world - 1:
+        outbox = Outbox(rank, rank + 1, part.out_shape, device, cfg.distributed.in_flight, spec["bandwidth"],
+                        counters, timeout)
+    memory.reset_peak()
+    dist.barrier()  # every rank ready: the clocks start together
+    report = StageReport(rank, rank, 0)
+    run_stage(report, trainer, messages, outbox, log_every=10**9)
+    return {"intervals": trainer.intervals, "rank": rank, "stage": rank, "memory": memory.report(),
+            "busy_seconds": report.busy_seconds, "seconds": report.seconds, "steps": report.steps,
+            "forward_bytes": counters.forward_bytes, "backward_bytes": counters.backward_bytes,
+            "forward_messages": counters.forward_messages, "wire_seconds": counters.wire_seconds,
+            "params": params, "skipped": trainer.inner.skipped,
+            "in_shape": list(part.in_shape), "out_shape": list(part.out_shape)}
+
+
+def run_costs(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
+    from pipeflow.balance import measure_step_costs  # noqa: PLC0415
+
+    cfg = from_dict(spec["config"])
+    x = _batches(spec)[0]
+    model, _ = build_parts_from_cuts(cfg, [])
+    model.to(device)
+    x = x.to(device)
+    model.initialize(x)
+    train, forward = measure_step_costs(model, x, repeats=spec["repeats"], optimizer=cfg.train.optimizer)
+    return {"train_seconds": train, "forward_seconds": forward, "rank": rank}
+
+
+MODES = {"single": run_single, "ddp": run_ddp, "stage": run_stage_mode, "costs": run_costs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    rank = int(argv[1])
+    out = Path(spec["out"]) / f"rank{rank}.json"
+    torch.set_num_threads(spec["threads"])
+    device = _device(spec, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    distributed = spec["world"] > 1
+    try:
+        if distributed:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{spec['port']}", rank=rank,
+                                    world_size=spec["world"], timeout=timedelta(seconds=spec["timeout_s"]))
+        memory = Memory(device)
+        result = MODES[spec["mode"]](spec, rank, device, memory)
+        result["threads"] = torch.get_num_threads()
+        result["device"] = str(device)
+        if distributed:
+            dist.barrier()
+        out.write_text(json.dumps(result))
+        return 0
+    except Exception as exc:  # noqa: BLE001 (reported to the parent, which names the run)
+        out.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
+                                   "rank": rank}))
+        return 1
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
