@@ -66,10 +66,10 @@ def load_npz(path: str | Path) -> ImageData:
     for key, x in (("x_train", x_train), ("x_test", x_test)):
         if x.dtype != np.uint8 or x.ndim != 4:
             raise UserError(f"data file {path}: {key} must be uint8 images (N, C, H, W), got {x.dtype} {x.shape}")
+        if x.shape[1] == x.shape[2] > x.shape[3]:  # (N, H, W, C): checked first, or it reads as 'not square'
+            raise UserError(f"data file {path}: {key} looks channels-last {x.shape}; store images as (N, C, H, W)")
         if x.shape[2] != x.shape[3]:
             raise UserError(f"data file {path}: {key} images must be square, got {x.shape[2]}x{x.shape[3]}")
-        if x.shape[1] > x.shape[3]:
-            raise UserError(f"data file {path}: {key} looks channels-last {x.shape}; store images as (N, C, H, W)")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise UserError(f"data file {path}: train images {x_train.shape[1:]} and test images {x_test.shape[1:]} differ")
     if len(x_train) == 0 or len(x_test) == 0:

@@ -107,7 +107,7 @@ def run_phase(phase: Phase, run: Run, device: torch.device, log: RunLog | None, 
                            "step": progress.global_step, "images_per_s": len(x) / elapsed}
             for k, loss, bpd in results:
                 record = {**record_base, "part": k, "loss": loss, "prefix_bpd": bpd}
-                if log and progress.global_step % t.log_every == 0:
+                if log and phase.trainers[k].steps % t.log_every == 0:  # per part: alternate must not alias
                     log.log({**record, "wall": time.time()})
                 if on_step:
                     on_step(record)
