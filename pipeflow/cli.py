@@ -54,15 +54,26 @@ def train(
     out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run directory."),
     schedule: Optional[str] = typer.Option(None, help="Shortcut for --set train.schedule=..."),
     force: bool = typer.Option(False, "--force", help="Replace a run already in --out."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="auto: continue the run in --out from its newest "
+                                         "checkpoint (or start it if it has none)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Train on one device (the single-device simulation of the pipeline)."""
+    from pipeflow.glow.invconv import SingularWeightError  # noqa: PLC0415
+    from pipeflow.part_trainer import TrainingDiverged  # noqa: PLC0415
     from pipeflow.progress import TrainingDisplay  # noqa: PLC0415
     from pipeflow.train import train as run_training  # noqa: PLC0415
 
+    if resume not in (None, "auto"):
+        raise UserError(f"--resume takes 'auto' (continue from the newest checkpoint in --out), not {resume!r}")
     cfg = _config(config, set_, (f"train.schedule={schedule}",) if schedule else ())
-    with TrainingDisplay(console, cfg, enabled=not quiet) as display:
-        summary = run_training(cfg, out, force=force, on_step=display.on_step, on_epoch=display.on_epoch)
+    try:
+        with TrainingDisplay(console, cfg, enabled=not quiet) as display:
+            summary = run_training(cfg, out, force=force, on_step=display.on_step, on_epoch=display.on_epoch,
+                                   resume=resume == "auto")
+    except (TrainingDiverged, SingularWeightError) as exc:  # a failure at run time: status 1, no traceback
+        print(f"pipeflow: failed: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
     display.closing_table(summary, out)
 
 

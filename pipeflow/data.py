@@ -169,12 +169,23 @@ class Batches:
         n = len(self.images) // self.batch_size if self.drop_last else -(-len(self.images) // self.batch_size)
         return min(n, self.max_batches) if self.max_batches else n
 
-    def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        """The batches of ``epoch``, from batch index ``start`` on.
+
+        Skipping batches (to resume mid-epoch) gives exactly the batches an uninterrupted
+        epoch would have yielded: the skipped batches' noise is drawn and thrown away, so the
+        noise generator stands where it would have stood (a cost far below one training step).
+        """
         order_gen = torch.Generator().manual_seed(self.seed * 1_000_033 + epoch)
         noise_gen = torch.Generator().manual_seed(self.seed * 1_000_037 + epoch + 7)
         order = torch.randperm(len(self.images), generator=order_gen) if self.shuffle else torch.arange(len(self.images))
+        if not 0 <= start <= len(self):
+            raise ValueError(f"cannot start epoch {epoch} at batch {start} of {len(self)}")
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if b < start:
+                torch.rand((len(idx), *self.images.shape[1:]), generator=noise_gen)  # what dequantize would draw
+                continue
             yield dequantize(self.images[idx], self.levels, self.n_bits, noise_gen)
 
 

@@ -8,6 +8,15 @@ This module is the only place that reads the environment torchrun sets.
 
 Exit status: 0 done; 2 bad input (the same one line on every rank, before any rank can
 hang on another); 1 a failure at run time (a silent peer, a diverged loss).
+
+``--resume auto`` continues the run in ``--out`` from its checkpoints. Under
+``torchrun --max-restarts=K`` a restarted attempt (TORCHELASTIC_RESTART_COUNT > 0) always
+resumes, and ``--force`` clears the directory on the first attempt only.
+
+For tests only, PIPEFLOW_TEST_FAULT injects failures: a comma-separated list of
+``ACTION:RANK:STEP[-LAST][@ATTEMPT]`` with ACTION ``exit`` (the rank ends at once after
+that step), ``stop`` (it SIGSTOPs itself: a silent peer) or ``nan`` (its by-parts input is
+NaN for steps STEP..LAST), on attempt ATTEMPT (default 0, the first).
 """
 
 from __future__ import annotations
@@ -29,6 +38,23 @@ from pipeflow.glow.invconv import SingularWeightError
 from pipeflow.part_trainer import TrainingDiverged
 
 
+_group_started = False  # set once this process has (begun to) join a process group
+_store = None  # this attempt's store, once the process group has one
+
+
+def _linger(store, rank: int, world: int, seconds: float = 10.0) -> None:
+    """Wait (briefly) until every rank has reached this point too.
+
+    torchrun stops every worker once one has exited, so a rank that left at once could cut
+    the others off before they printed their line.
+    """
+    try:
+        store.set(f"leaving/{rank}", "1")
+        store.wait([f"leaving/{r}" for r in range(world)], timedelta(seconds=seconds))
+    except Exception:  # noqa: BLE001 (a rank gone, or the store with it: leave anyway)
+        pass
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeflow.launch", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", "-c", type=Path, default=None, help="TOML config file")
@@ -36,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", type=Path, default=Path("runs/launch"), help="run directory (written by rank 0)")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default=None, help="overrides distributed.backend")
     p.add_argument("--force", action="store_true", help="replace a run already in --out")
+    p.add_argument("--resume", choices=("auto",), default=None,
+                   help="auto: continue the run in --out from the newest step every rank has saved")
     p.add_argument("--bandwidth", type=float, default=0.0, help="pace forward sends to this many bytes/s (0: unpaced)")
     return p
 
@@ -54,13 +82,43 @@ def choose_device(backend: str, local_rank: int) -> tuple[str, torch.device]:
     return backend, torch.device("cpu")
 
 
+def say(line: str, stream=None) -> None:
+    """One whole line in one write: the lines of several ranks sharing a terminal never run together."""
+    stream = stream or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
+def parse_faults(text: str, attempt: int):
+    """PIPEFLOW_TEST_FAULT -> the faults to inject on this attempt (see the module's docstring)."""
+    from pipeflow.multirank import Fault  # noqa: PLC0415
+
+    faults = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        try:
+            spec, _, on = item.partition("@")
+            action, rank, steps = spec.split(":")
+            first, _, last = steps.partition("-")
+            fault = Fault(action, int(rank), int(first), int(last or first))
+            if action not in ("exit", "stop", "nan"):
+                raise ValueError(action)
+        except ValueError:
+            raise UserError(f"PIPEFLOW_TEST_FAULT: cannot read {item!r} (ACTION:RANK:STEP[-LAST][@ATTEMPT])") from None
+        if int(on or 0) == attempt:
+            faults.append(fault)
+    return tuple(faults)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     env = os.environ
     rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
     local_rank, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", world))
-    initialised = False
+    attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", 0))  # torchrun --max-restarts: 0 on the first attempt
+    resume = args.resume == "auto" or attempt > 0  # a restart continues its own run
+    force = args.force and attempt == 0  # ... and never clears what the first attempt saved
     try:
+        faults = parse_faults(env.get("PIPEFLOW_TEST_FAULT", ""), attempt)
         overrides = [*args.overrides, *([f"distributed.backend={args.backend}"] if args.backend else [])]
         cfg = load_config(args.config, overrides)
         stages = 1 if cfg.train.schedule == "e2e" else cfg.parts.count
@@ -70,37 +128,70 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // max(local_world, 1)))
         elif cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        if world == 1:
-            env.setdefault("MASTER_ADDR", "127.0.0.1")
-            env.setdefault("MASTER_PORT", "29511")
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=cfg.distributed.timeout_s),
+        timeout = timedelta(seconds=cfg.distributed.timeout_s)
+        global _group_started, _store
+        _group_started = True
+        if world == 1:  # not under torchrun: a store in this process, no port to collide on
+            store = dist.HashStore()
+        else:
+            store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun keeps its store across restarts: a restarted attempt reading the keys of the
+        # dead one would connect to ranks that are gone; each attempt gets keys of its own
+        store = dist.PrefixStore(f"pipeflow/attempt{attempt}", store)
+        _store = store
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
-        initialised = True
         from pipeflow.multirank import RankContext, train_multirank  # noqa: PLC0415
 
         def announce(record: dict) -> None:
-            print(f"[rank {rank}] by_parts epoch {record['epoch']}: stage {topo.stage} prefix "
-                  f"{record['prefix_bpd']:.4f} bits/dim", flush=True)
+            say(f"[rank {rank}] by_parts epoch {record['epoch']}: stage {topo.stage} prefix "
+                f"{record['prefix_bpd']:.4f} bits/dim")
 
-        summary = train_multirank(cfg, RankContext(topo, device, args.bandwidth), args.out, force=args.force,
-                                  on_eval=announce if topo.is_last and topo.replica == 0 else None)
-        dist.barrier()  # leave together: tearing down while a peer still talks can abort it
-        if summary is not None:
-            print(f"[rank 0] test {summary['test_bpd']:.4f} bits/dim in {summary['wall_seconds']:.1f} s; "
-                  f"forward {summary['comm']['forward_bytes']:,} B, backward {summary['comm']['backward_bytes']} B; "
-                  f"run in {args.out}", flush=True)
+        summary = train_multirank(cfg, RankContext(topo, device, args.bandwidth, faults), args.out, force=force,
+                                  on_eval=announce if topo.is_last and topo.replica == 0 else None, resume=resume)
+        if summary is not None and summary.get("already_finished"):
+            say(f"[rank 0] the run in {args.out} has already finished (test {summary['test_bpd']:.4f} bits/dim); "
+                "nothing to resume")
+        elif summary is not None:
+            resumed = f" (resumed after step {summary['resumed_from_step']})" if summary.get("resumed_from_step") else ""
+            say(f"[rank 0] test {summary['test_bpd']:.4f} bits/dim in {summary['wall_seconds']:.1f} s{resumed}; "
+                f"forward {summary['comm']['forward_bytes']:,} B, backward {summary['comm']['backward_bytes']} B; "
+                f"run in {args.out}")
+        dist.destroy_process_group()  # after the run's last barrier: no peer talks to this one any more
         return 0
     except UserError as exc:
-        print(f"pipeflow.launch: error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        say(f"pipeflow.launch: error (rank {rank}): {exc}", sys.stderr)
+        if _store is not None:  # the ranks found it together: let each say it before any leaves
+            _linger(_store, rank, world)
         return EXIT_USAGE
     except (PeerSilent, TrainingDiverged, SingularWeightError) as exc:
-        print(f"pipeflow.launch: failed (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        # No teardown of the process group: with a peer silent it could block. The process ends
+        # (see run()), and its peers see the link close.
+        say(f"pipeflow.launch: failed (rank {rank}): {exc}", sys.stderr)
         return 1
-    finally:
-        if initialised:
-            dist.destroy_process_group()
+
+
+def run() -> None:
+    """Run :func:`main` and end the process with its status.
+
+    Once a process group exists, the interpreter's teardown is skipped (``os._exit``): with a
+    peer gone it can block, and even after a clean run gloo's teardown sometimes aborted a
+    rank (SIGABRT, "terminate called without an active exception") after all the work was
+    done and saved. Before that (bad input found by each rank alone), the process ends as usual.
+    """
+    try:
+        code = main()
+    except BaseException:  # noqa: BLE001 (a bug: show it, and still never hang on teardown)
+        import traceback  # noqa: PLC0415
+
+        traceback.print_exc()
+        code = 1
+    if dist.is_initialized() or _group_started:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

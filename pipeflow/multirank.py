@@ -9,31 +9,63 @@
 3. **Fine-tune.** Data-parallel (DDP; every rank a shard of every batch) or on rank 0 alone.
 
 Rank 0 writes the run directory; its ``model.pt`` loads alone in one process.
+
+Checkpoints (see :mod:`pipeflow.checkpoint`): during the by-parts phase every rank saves its
+part, optimiser, report and RNG state every ``checkpoint.every_steps`` steps and at each
+epoch's last step, in ``out/checkpoints/rank{r}``; during fine-tuning rank 0 saves the whole
+model and optimiser (the DDP replicas are identical). With ``resume`` the ranks exchange
+their manifests and continue from rank 0's newest fine-tuning checkpoint, or else from the
+newest by-parts step that every rank has saved.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import time
+from bisect import bisect_right
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from pipeflow.checkpoint import save_model
+from pipeflow.checkpoint import CheckpointStore, rng_state, save_model, set_rng_state
 from pipeflow.config import Config
 from pipeflow.data import dataset_shape, load_dataset, n_bins
-from pipeflow.distributed.collectives import agree, broadcast_tensors, gather_to_rank0, gradient_averager, sum_across
+from pipeflow.distributed.collectives import (agree, broadcast_object, broadcast_tensors, gather_all, gather_to_rank0,
+                                              gradient_averager, guard, sum_across)
 from pipeflow.distributed.pipeline import StageReport, data_messages, inbox_messages, run_stage
 from pipeflow.distributed.topology import Topology
-from pipeflow.distributed.transport import Counters, Inbox, Outbox
+from pipeflow.distributed.transport import TRAIN, Counters, Inbox, Message, Outbox
 from pipeflow.errors import UserError
 from pipeflow.evaluate import evaluate, evaluation_sums
-from pipeflow.part_trainer import PartTrainer
+from pipeflow.part_trainer import PartTrainer, TrainingDiverged
 from pipeflow.parts import whole_model_part
-from pipeflow.runlog import RunLog, check_run_dir, prepare_run_dir
+from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
 from pipeflow.setup import Run, build_model, build_parts
-from pipeflow.train import Phase, Progress, run_phase
+from pipeflow.train import Phase, Progress, diverged_hint, run_phase
+
+
+FINETUNE_PHASES = ("finetune", "e2e")
+FAULT_EXIT = 43  # the status of a process that an injected fault ended
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A failure to inject, for tests (``pipeflow.launch`` builds these from PIPEFLOW_TEST_FAULT).
+
+    ``exit``: the rank ends at once (``os._exit``) after its step ``first`` (checkpoint saved);
+    ``stop``: it stops itself (SIGSTOP), a silent peer; ``nan``: its input for steps
+    ``first..last`` of the by-parts phase becomes NaN.
+    """
+
+    action: str
+    rank: int
+    first: int
+    last: int
 
 
 @dataclass
@@ -41,6 +73,19 @@ class RankContext:
     topo: Topology
     device: torch.device
     bandwidth: float = 0.0  # bytes/s to pace forward sends with (0: unpaced)
+    faults: tuple[Fault, ...] = ()
+
+    def after_step(self, step: int) -> None:
+        for f in self.faults:
+            if f.rank == self.topo.rank and f.first == step and f.action in ("exit", "stop"):
+                sys.stderr.write(f"[rank {self.topo.rank}] injected fault: {f.action} after step {step}\n")
+                sys.stderr.flush()
+                if f.action == "exit":
+                    os._exit(FAULT_EXIT)
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+    def corrupt(self, step: int) -> bool:
+        return any(f.action == "nan" and f.rank == self.topo.rank and f.first <= step <= f.last for f in self.faults)
 
 
 def _agreed(error: UserError | None, device: torch.device, what: str) -> None:
@@ -65,33 +110,140 @@ def _load_data(run: Run, device: torch.device) -> None:
     _agreed(error, device, "loading the data")
 
 
-def by_parts_phase(run: Run, ctx: RankContext, counters: Counters, on_eval=None) -> tuple[StageReport, PartTrainer]:
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def is_checkpoint_step(step: int, steps_per_epoch: int, every: int) -> bool:
+    """By-parts checkpoints: every ``every`` steps and at each epoch's last step."""
+    return step % steps_per_epoch == 0 or bool(every and step % every == 0)
+
+
+def pipeline_skew(topo: Topology, in_flight: int) -> int:
+    """How many steps stage 0 may have saved beyond the last stage.
+
+    A stage checkpoints a step after queueing its output; it blocks when ``in_flight``
+    messages wait and its sender thread holds one more that the next stage has not yet asked
+    for, while that stage may be one step into its own: ``in_flight + 2`` per link, plus one
+    for safety, plus one when stage replicas (R > 1) may be a step apart.
+    """
+    return (topo.stages - 1) * (in_flight + 3) + (1 if topo.replicas > 1 else 0)
+
+
+def check_keep(cfg: Config, topo: Topology, steps_per_epoch: int) -> None:
+    """Refuse a ``checkpoint.keep`` too small for the newest common step to stay on every rank's disk."""
+    t, c = cfg.train, cfg.checkpoint
+    if topo.stages < 2 or not t.by_parts_epochs:
+        return
+    skew = pipeline_skew(topo, cfg.distributed.in_flight)
+    total = t.by_parts_epochs * steps_per_epoch
+    steps = [s for s in range(1, total + 1) if is_checkpoint_step(s, steps_per_epoch, c.every_steps)]
+    # The last stage stands somewhere after its newest checkpoint steps[j] and before steps[j + 1];
+    # stage 0 may then have saved every checkpoint up to (steps[j + 1] - 1) + skew, and must still
+    # hold steps[j]: it keeps that many newer ones, plus steps[j] itself.
+    most = max((bisect_right(steps, steps[j + 1] - 1 + skew) - (j + 1) for j in range(len(steps) - 1)), default=0)
+    if c.keep < most + 1:
+        raise UserError(
+            f"checkpoint.keep = {c.keep} is too few for {topo.stages} pipeline stages: stage 0 may have saved "
+            f"{skew} steps more than stage {topo.stages - 1} (distributed.in_flight = {cfg.distributed.in_flight}), "
+            f"and {most} checkpoints (every {c.every_steps or steps_per_epoch} steps and at each epoch's end) can "
+            f"fall in that span, so the newest step that every rank has saved could be deleted; "
+            f"set checkpoint.keep = {most + 1} or more, or raise checkpoint.every_steps")
+
+
+def plan_resume(manifests: list[list[dict]], topo: Topology) -> tuple[str, int] | None:
+    """Where to resume from, given every rank's manifest: ``(phase, step)`` or None (from scratch)."""
+    for r, entries in enumerate(manifests):
+        for e in entries:
+            if (e.get("world"), e.get("stages")) != (topo.world, topo.stages):
+                raise UserError(f"the checkpoints of rank {r} were written by {e.get('world')} processes running "
+                                f"{e.get('stages')} parts, not {topo.world} running {topo.stages}: resume with the "
+                                "same number of processes, or pass --force to start afresh")
+    finetune = [e["step"] for e in manifests[0] if e["phase"] in FINETUNE_PHASES]
+    if finetune:
+        return "finetune", max(finetune)
+    by_parts = [{e["step"] for e in entries if e["phase"] == "by_parts"} for entries in manifests]
+    if not all(by_parts):
+        return None  # some rank never saved a step: nothing is common, start afresh
+    common = set.intersection(*by_parts)
+    if not common:
+        held = "; ".join(f"rank {r}: {', '.join(map(str, sorted(s)))}" for r, s in enumerate(by_parts))
+        raise UserError(f"no step is saved by every rank ({held}); raise checkpoint.keep, or pass --force to start afresh")
+    return "by_parts", max(common)
+
+
+def _corrupted(messages: Iterable[Message], ctx: RankContext) -> Iterator[Message]:
+    """Test faults: NaN inputs on the chosen steps."""
+    for msg in messages:
+        if msg.kind == TRAIN and ctx.corrupt(msg.step):
+            msg.h = msg.h * float("nan")
+        yield msg
+
+
+# --- the three stages of a run -------------------------------------------------------------------
+
+
+def by_parts_phase(run: Run, ctx: RankContext, counters: Counters, on_eval=None, state: dict | None = None,
+                   store: CheckpointStore | None = None, log: RunLog | None = None,
+                   steps_per_epoch: int = 0) -> tuple[StageReport, PartTrainer]:
     cfg, topo, device = run.cfg, ctx.topo, ctx.device
     t = cfg.train
     part = run.parts[topo.stage]
     groups = [dist.new_group(topo.stage_ranks(s)) for s in range(topo.stages)] if topo.replicas > 1 else None
     grad_hook = gradient_averager(groups[topo.stage], topo.replicas) if groups else None
+    stage_agree = (lambda ok: agree(ok, device, groups[topo.stage])) if groups else None
     trainer = PartTrainer(part, run.part_lr(topo.stage), t, run.num_dims, run.n_bins, grad_hook=grad_hook,
-                          name=f"part {topo.stage} (rank {topo.rank})")
+                          name=f"part {topo.stage} (rank {topo.rank})", agree=stage_agree)
+    report = StageReport(topo.rank, topo.stage, topo.replica)
+    start_step = 0
+    if state is not None:
+        try:
+            part.load_state_dict(state["part"])
+            trainer.load_state_dict(state["trainer"])
+            report = StageReport(**state["report"])
+            for key, value in state["counters"].items():
+                setattr(counters, key, value)
+            set_rng_state(state["rng"], device)
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"rank {topo.rank}'s checkpoint of step {state['step']} does not fit this run: "
+                            f"{str(exc).splitlines()[0]}") from None
+        if grad_hook is not None:
+            grad_hook.bytes = state.get("allreduce_bytes", 0)
+        start_step = state["step"]
     if topo.is_first:
         batches = run.train_batches()
         tests = run.test_batches() if topo.replica == 0 else None
-        first = next(batches.epoch(0))
         messages = data_messages(
             t.by_parts_epochs,
-            lambda e: (_rows(x, topo.replica, topo.replicas) for x in batches.epoch(e)),
+            lambda e, skip=0: (_rows(x, topo.replica, topo.replicas) for x in batches.epoch(e, start=skip)),
             (lambda: tests.epoch(0)) if tests else None,
-            first,  # every replica initialises its ActNorms from the whole first batch, as on one device
-            device,
+            # every replica initialises its ActNorms from the whole first batch, as on one device
+            None if start_step else next(batches.epoch(0)),
+            device, start_step=start_step, steps_per_epoch=steps_per_epoch,
         )
     else:
         messages = inbox_messages(Inbox(topo.rank, topo.prev_rank, part.in_shape, device, cfg.distributed.timeout_s))
+    if any(f.action == "nan" for f in ctx.faults):
+        messages = _corrupted(messages, ctx)
     outbox = None
     if not topo.is_last:
         outbox = Outbox(topo.rank, topo.next_rank, part.out_shape, device, cfg.distributed.in_flight,
                         ctx.bandwidth, counters, cfg.distributed.timeout_s)
-    report = StageReport(topo.rank, topo.stage, topo.replica)
-    run_stage(report, trainer, messages, outbox, t.log_every, on_eval)
+
+    def on_train(msg: Message, report: StageReport) -> None:
+        if store is not None and is_checkpoint_step(msg.step, steps_per_epoch, cfg.checkpoint.every_steps):
+            sent = asdict(counters)
+            if outbox is not None:  # a queued message counts: the resumed run starts after it
+                sent.update(forward_bytes=outbox.queued_bytes, forward_messages=outbox.queued_messages)
+            store.save(msg.step, "by_parts", {
+                "kind": "by_parts", "world": topo.world, "stages": topo.stages, "config": cfg.to_dict(),
+                "part": part.state_dict(), "trainer": trainer.state_dict(), "report": asdict(report),
+                "counters": sent, "allreduce_bytes": grad_hook.bytes if grad_hook else 0,
+                "metrics_bytes": log.tell() if log else 0, "rng": rng_state(device),
+            }, world=topo.world, stages=topo.stages, bad_in_a_row=trainer.bad_in_a_row)
+        ctx.after_step(msg.step)
+
+    with guard(f"the gradient average of stage {topo.stage}", cfg.distributed.timeout_s):
+        run_stage(report, trainer, messages, outbox, t.log_every, on_eval, on_train)
     report.allreduce_bytes = grad_hook.bytes if grad_hook else 0
     return report, trainer
 
@@ -104,14 +256,30 @@ def gather_parts(run: Run, topo: Topology) -> int:
     return moved
 
 
-def train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool = False, on_eval=None) -> dict | None:
-    """Run on this rank; returns the summary on rank 0 and None elsewhere."""
+def train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool = False, on_eval=None,
+                    resume: bool = False) -> dict | None:
+    """Run on this rank; returns the summary on rank 0 and None elsewhere.
+
+    ``resume``: continue the run in ``out`` from its checkpoints (or start it, if it has none).
+    A run that already finished is left as it is; rank 0 returns its summary, marked
+    ``"already_finished": True``.
+    """
+    try:
+        return _train_multirank(cfg, ctx, out, force, on_eval, resume)
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(diverged_hint(exc, CheckpointStore(out, ctx.topo.rank, cfg.checkpoint.keep))) from None
+
+
+def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool, on_eval, resume: bool) -> dict | None:
     topo, device = ctx.topo, ctx.device
     t = cfg.train
+    timeout = cfg.distributed.timeout_s
     wall_start = time.perf_counter()
     error = None
     try:
-        check_run_dir(out, force=force)
+        check_run_dir(out, force=force, resume=resume)
+        if resume and topo.rank == 0:
+            check_same_run(out, cfg)
         if t.batch_size % topo.world and cfg.distributed.finetune == "ddp" and (t.finetune_epochs or topo.stages == 1):
             raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of the {topo.world} processes "
                             "for data-parallel fine-tuning")
@@ -120,8 +288,12 @@ def train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool 
         shape = dataset_shape(cfg.data)
     except UserError as exc:
         error = exc
-    _agreed(error, device, "checking the config")
-    dist.barrier()  # every rank has checked the output directory before rank 0 writes into it
+    with guard("checking the config", timeout):
+        _agreed(error, device, "checking the config")
+        dist.barrier()  # every rank has checked the output directory before rank 0 writes into it
+        done = broadcast_object(finished_summary(out) if resume and topo.rank == 0 else None)
+    if done is not None:
+        return {**done, "already_finished": True} if topo.rank == 0 else None
 
     model = build_model(cfg, shape).to(device)
     parts = build_parts(cfg, model, topo.stages) if topo.stages > 1 else [whole_model_part(model)]
@@ -133,26 +305,65 @@ def train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool 
             run.data = load_dataset(cfg.data)
         except UserError as exc:
             error = exc
-    _agreed(error, device, "loading the data")
-    bins = torch.tensor([n_bins(run.data, cfg.data.n_bits) if run.data else 0], device=device)
-    dist.all_reduce(bins, op=dist.ReduceOp.MAX)  # stage 0 knows the data's levels; tell the others
-    run.n_bins = int(bins.item())
+    with guard("loading the data", timeout):
+        _agreed(error, device, "loading the data")
+        # stage 0 knows the data's levels and batches per epoch; tell the others
+        known = torch.tensor([n_bins(run.data, cfg.data.n_bits), len(run.train_batches())] if run.data else [0, 0],
+                             device=device)
+        dist.all_reduce(known, op=dist.ReduceOp.MAX)
+    run.n_bins, steps_per_epoch = (int(v) for v in known.tolist())
+    by_parts_steps = t.by_parts_epochs * steps_per_epoch if topo.stages > 1 else 0
+
+    # --- where to start: from scratch, or from checkpoints -----------------------------------
+    store = CheckpointStore(out, topo.rank, cfg.checkpoint.keep)
+    plan, state = None, None
+    try:
+        check_keep(cfg, topo, steps_per_epoch)
+        entries = store.entries() if resume else []
+    except UserError as exc:
+        error, entries = exc, []
+    with guard("agreeing where to resume", timeout):
+        _agreed(error, device, "checking the checkpoints")
+        if resume:
+            try:
+                plan = plan_resume(gather_all(entries), topo)
+            except UserError as exc:
+                error = exc
+            _agreed(error, device, "planning the resume")
+        if plan is not None:
+            phase, step = plan
+            if phase == "by_parts" or topo.rank == 0:
+                try:
+                    state = store.load(step, cfg)
+                except UserError as exc:
+                    error = exc
+            _agreed(error, device, "reading the checkpoints")
+            if phase in FINETUNE_PHASES and (cfg.distributed.finetune == "ddp" or topo.stages == 1):
+                state = broadcast_object(state)  # every DDP rank continues from rank 0's checkpoint
 
     log = None
     if topo.rank == 0:
-        log = RunLog(prepare_run_dir(out, force=force), cfg)
+        log = RunLog(prepare_run_dir(out, force=force, resume=resume), cfg,
+                     metrics_bytes=state["metrics_bytes"] if state else (0 if resume else None))
+    if resume:
+        store.discard_after(plan[1] if plan else 0)
+    with guard("preparing the run directory", timeout):
+        dist.barrier()  # rank 0 has cleared (--force) the directory before any rank saves into it
+
     progress = Progress()
     counters = Counters()
     summary_phases: dict[str, dict] = {}
     reports = None
     gather_bytes = 0
+    resumed_finetune = plan is not None and plan[0] == "finetune"
 
-    if topo.stages > 1 and t.by_parts_epochs:
-        report, trainer = by_parts_phase(run, ctx, counters, on_eval)
-        reports = gather_to_rank0({"report": asdict(report), "busy_fraction": report.busy_fraction,
-                                   "allreduce_bytes": report.allreduce_bytes, "counters": asdict(counters),
-                                   "skipped": trainer.skipped})
-        gather_bytes = gather_parts(run, topo)
+    if topo.stages > 1 and t.by_parts_epochs and not resumed_finetune:
+        report, trainer = by_parts_phase(run, ctx, counters, on_eval, state, store, log, steps_per_epoch)
+        with guard("gathering the parts", timeout):
+            reports = gather_to_rank0({"report": asdict(report), "busy_fraction": report.busy_fraction,
+                                       "allreduce_bytes": report.allreduce_bytes, "counters": asdict(counters),
+                                       "skipped": trainer.skipped})
+            gather_bytes = gather_parts(run, topo)
         progress.epochs_done = t.by_parts_epochs
         progress.global_step = report.steps
         if topo.rank == 0:
@@ -170,44 +381,82 @@ def train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool 
                 log.log({**record, "wall": time.time()})
             summary_phases["by_parts"] = {"epochs": t.by_parts_epochs, "seconds": phase_seconds, "schedule": "pipeline",
                                           "test_bpd": last["evals"][-1]["prefix_bpd"] if last["evals"] else None}
+    elif resumed_finetune and state is not None:  # (in rank0 mode the other ranks have nothing left to do)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise UserError(f"the checkpoint of step {state['step']} does not fit this run: "
+                            f"{str(exc).splitlines()[0]}") from None
+        for key, value in state["progress"].items():
+            setattr(progress, key, value)
+        reports, summary_phases, gather_bytes = state["reports"], state["summary_phases"], state["gather_bytes"]
+        set_rng_state(state["rng"], device)
 
     # fine-tuning (or, with one stage, end-to-end data-parallel training from the start)
     ft_epochs = t.finetune_epochs if topo.stages > 1 else t.by_parts_epochs + t.finetune_epochs
     ft_name = "finetune" if topo.stages > 1 else "e2e"
     mode = cfg.distributed.finetune if topo.stages > 1 else "ddp"
     finetune_bytes = 0
+    ft_skipped = 0
+    if ft_epochs and mode == "rank0":
+        with guard("handing over to rank 0", timeout):
+            dist.barrier()  # the others leave now: rank 0 fine-tunes alone, with no collective left to wait for
     if ft_epochs and (mode == "ddp" or topo.rank == 0):
-        if mode == "ddp":
-            _load_data(run, device)
-        if topo.stages == 1:  # e2e from scratch: every rank initialises from the same first batch
-            model.initialize(next(run.train_batches().epoch(0)).to(device))
-        lr = (t.finetune_lr or t.lr) if topo.stages > 1 else t.lr
-        whole = whole_model_part(model)
-        if mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
+        with guard("data-parallel fine-tuning" if mode == "ddp" else "fine-tuning", timeout):
+            if mode == "ddp":
+                _load_data(run, device)
+            elif run.data is None:
+                run.data = load_dataset(cfg.data)
+            if topo.stages == 1 and not resumed_finetune:  # e2e from scratch: every rank initialises from the same first batch
+                model.initialize(next(run.train_batches().epoch(0)).to(device))
+            lr = (t.finetune_lr or t.lr) if topo.stages > 1 else t.lr
+            whole = whole_model_part(model)
+            if mode == "ddp":
+                from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
 
-            wrap = (lambda m: DDP(m, device_ids=[device.index])) if device.type == "cuda" else DDP
-            trainer = PartTrainer(whole, lr, t, run.num_dims, run.n_bins, wrap=wrap, name="whole model")
+                wrap = (lambda m: DDP(m, device_ids=[device.index])) if device.type == "cuda" else DDP
+                trainer = PartTrainer(whole, lr, t, run.num_dims, run.n_bins, wrap=wrap, name="whole model",
+                                      agree=lambda ok: agree(ok, device))
 
-            def shard(x):
-                return _rows(x, topo.rank, topo.world)
+                def shard(x):
+                    return _rows(x, topo.rank, topo.world)
 
-            def pooled_evaluate(trainers, tests, dev):
-                totals, count = evaluation_sums(trainers, tests, dev, shard=lambda x: _rows_cover(x, topo))
-                pooled = sum_across([*totals, float(count)], dev)
-                return [v / max(pooled[-1], 1) for v in pooled[:-1]]
-
+                def evaluate_fn(trainers, tests, dev):
+                    totals, count = evaluation_sums(trainers, tests, dev, shard=lambda x: _rows_cover(x, topo))
+                    pooled = sum_across([*totals, float(count)], dev)
+                    return [v / max(pooled[-1], 1) for v in pooled[:-1]]
+            else:
+                trainer = PartTrainer(whole, lr, t, run.num_dims, run.n_bins, name="whole model")
+                shard, evaluate_fn = None, evaluate
             phase = Phase(ft_name, ft_epochs, "e2e", [trainer])
-            steps_before = progress.global_step
-            run_phase(phase, run, device, log, progress, shard=shard, evaluate_fn=pooled_evaluate)
-            # what DDP all-reduces: every gradient, every step (before the ring's 2(W-1)/W factor)
-            finetune_bytes = 4 * sum(p.numel() for p in whole.parameters()) * (progress.global_step - steps_before)
-        else:
-            trainer = PartTrainer(whole, lr, t, run.num_dims, run.n_bins, name="whole model")
-            phase = Phase(ft_name, ft_epochs, "e2e", [trainer])
-            run_phase(phase, run, device, log, progress)
+            start = (0, 0)
+            if resumed_finetune:
+                trainer.load_state_dict(state["trainer"])
+                phase.seconds, phase.test_bpd = state["phase"]["seconds"], state["phase"]["test_bpd"]
+                start = tuple(state["position"])
+
+            def save(epoch: int, batch: int) -> None:
+                if topo.rank != 0:
+                    return
+                store.save(progress.global_step, ft_name, {
+                    "kind": ft_name, "world": topo.world, "stages": topo.stages, "config": cfg.to_dict(),
+                    "model": model.state_dict(), "trainer": trainer.state_dict(),
+                    "phase": {"seconds": phase.seconds, "test_bpd": phase.test_bpd}, "progress": asdict(progress),
+                    "position": [epoch, batch], "reports": reports, "summary_phases": summary_phases,
+                    "gather_bytes": gather_bytes, "metrics_bytes": log.tell(), "rng": rng_state(device),
+                }, world=topo.world, stages=topo.stages, bad_in_a_row=trainer.bad_in_a_row)
+
+            run_phase(phase, run, device, log, progress, shard=shard, evaluate_fn=evaluate_fn, start=start,
+                      checkpoint=save, after_step=ctx.after_step)
+            if mode == "ddp":
+                # what DDP all-reduces: every gradient, every step (before the ring's 2(W-1)/W factor)
+                finetune_bytes = 4 * sum(p.numel() for p in whole.parameters()) * (progress.global_step - by_parts_steps)
+        ft_skipped = trainer.skipped
         summary_phases[ft_name] = {"epochs": ft_epochs, "seconds": phase.seconds,
                                    "schedule": "e2e" if mode == "rank0" else "ddp", "test_bpd": phase.test_bpd}
+    if mode == "ddp" or not ft_epochs:
+        with guard("leaving together", timeout):
+            dist.barrier()  # leave together: tearing down while a peer still talks can abort it
 
     if topo.rank != 0:
         return None
@@ -216,6 +465,8 @@ def train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool 
     save_model(Path(out) / "model.pt", model, cfg, run.n_bins)
     final_bpd = progress.history[-1]["test_bpd"] if progress.history else None
     if final_bpd is None:
+        if run.data is None:
+            run.data = load_dataset(cfg.data)
         final_bpd = evaluate([PartTrainer(whole_model_part(model), 1.0, t, run.num_dims, run.n_bins)],
                              run.test_batches(), device)[-1]
     forward = sum(r["counters"]["forward_bytes"] for r in reports) if reports else 0
@@ -232,7 +483,7 @@ def train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool 
         "backend": dist.get_backend(),
         "device": str(device),
         "cuts": [p.steps.start for p in parts[1:]],
-        "skipped_steps": sum(r["skipped"] for r in reports) if reports else 0,
+        "skipped_steps": (sum(r["skipped"] for r in reports) if reports else 0) + ft_skipped,
         "phases": summary_phases,
         "comm": {"forward_bytes": forward, "backward_bytes": backward,
                  "stage_allreduce_bytes": sum(r["allreduce_bytes"] for r in reports) if reports else 0,
@@ -242,6 +493,7 @@ def train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool 
                    "busy_fraction": r["busy_fraction"],
                    "images_per_s": r["report"]["images"] / max(r["report"]["seconds"], 1e-9)} for r in reports] if reports else [],
         "history": progress.history,
+        "resumed_from_step": plan[1] if plan else None,
     }
     log.summary(summary)
     return summary

@@ -12,11 +12,28 @@ import torch
 from torch import nn
 
 from pipeflow.config import TrainConfig
+from pipeflow.glow.actnorm import ActNorm
+from pipeflow.glow.invconv import InvConv1x1, InvConv1x1LU, SingularWeightError
 from pipeflow.objective import PartLikelihood, PartOutput, part_objective
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses or gradients."""
+
+
+def check_invertible(module: nn.Module, where: str = "") -> None:
+    """Raise :class:`SingularWeightError` naming the first 1x1 convolution or ActNorm of
+    ``module`` that is no longer invertible (a singular weight, a zero or non-finite scale)."""
+    prefix = f"{where}: " if where else ""
+    for name, m in module.named_modules():
+        if isinstance(m, (InvConv1x1, InvConv1x1LU)):
+            try:
+                m.check_invertible(name)
+            except SingularWeightError as exc:
+                raise SingularWeightError(f"{prefix}{exc}") from None
+        elif isinstance(m, ActNorm):
+            if not torch.isfinite(m.log_scale.detach()).all() or not torch.isfinite(m.bias.detach()).all():
+                raise SingularWeightError(f"{prefix}ActNorm {name} has a non-finite scale or bias (not invertible)")
 
 
 def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
@@ -28,7 +45,8 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
 class PartTrainer:
     def __init__(self, part: nn.Module, lr: float, cfg: TrainConfig, num_dims: int, n_bins: int,
                  wrap: Callable[[nn.Module], nn.Module] | None = None, name: str = "",
-                 grad_hook: Callable[[list[torch.Tensor]], None] | None = None):
+                 grad_hook: Callable[[list[torch.Tensor]], None] | None = None,
+                 agree: Callable[[bool], bool] | None = None):
         self.part = part
         self.module = PartLikelihood(part)
         if wrap is not None:  # e.g. DistributedDataParallel for data-parallel training
@@ -39,6 +57,9 @@ class PartTrainer:
         self.num_dims, self.n_bins = num_dims, n_bins
         self.name = name or f"part {getattr(part, 'index', 0)}"
         self.grad_hook = grad_hook  # e.g. averaging gradients over the replicas of a pipeline stage
+        # processes that train copies of one part (DDP, stage replicas) must skip a step together:
+        # ``agree(finite)`` is True only if the step is finite on every one of them
+        self.agree = agree
         self.steps = 0  # updates applied
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.bad_in_a_row = 0
@@ -65,10 +86,15 @@ class PartTrainer:
         else:
             grad_norm = torch.zeros((), device=out.loss.device)
         loss_value, finite = torch.stack([out.loss.detach(), torch.isfinite(out.loss) & torch.isfinite(grad_norm)]).tolist()
+        finite = bool(finite)
+        if self.agree is not None:
+            finite = self.agree(finite)
         if not finite:
+            # a skipped step changes nothing: no update, no optimiser state, no warm-up progress
             self.skipped += 1
             self.bad_in_a_row += 1
             self.optimizer.zero_grad(set_to_none=True)
+            check_invertible(self.part, self.name)  # a singular layer is named, not left as a NaN
             if self.bad_in_a_row >= self.cfg.max_bad_steps:
                 raise TrainingDiverged(
                     f"{self.name}: {self.bad_in_a_row} non-finite losses in a row (train.max_bad_steps); "
@@ -93,9 +119,10 @@ class PartTrainer:
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "steps": self.steps, "skipped": self.skipped}
+                "steps": self.steps, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row}
 
     def load_state_dict(self, state: dict) -> None:
         if self.optimizer is not None and state["optimizer"] is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"])  # the rate is set anew each step from train.lr
         self.steps, self.skipped = state["steps"], state["skipped"]
+        self.bad_in_a_row = state.get("bad_in_a_row", 0)

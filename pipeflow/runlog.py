@@ -5,6 +5,7 @@
     out/summary.json    test bits/dim, wall time, per-phase epochs and seconds, ...
     out/model.pt        the full model (see pipeflow.checkpoint)
     out/samples/        sample grids, one per epoch
+    out/checkpoints/    per-rank training checkpoints (see pipeflow.checkpoint)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pipeflow.checkpoint import atomic_write_bytes, atomic_write_json
+from pipeflow.checkpoint import atomic_write_bytes, atomic_write_json, config_difference
 from pipeflow.config import Config, to_toml
 from pipeflow.errors import UserError
 
@@ -31,14 +32,47 @@ def check_run_dir(out: str | Path, force: bool = False, resume: bool = False) ->
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a directory")
-    held = [name for name in RUN_FILES if (out / name).exists()]
+    held = [name for name in (*RUN_FILES, "checkpoints") if (out / name).exists()]
     if held and not (force or resume):
-        raise UserError(f"output directory {out} holds another run ({held[0]}); pass --resume to continue it or --force to replace it")
+        raise UserError(f"output directory {out} holds another run ({held[0]}); pass --resume auto to continue it "
+                        "or --force to replace it")
     return held
 
 
+def check_same_run(out: str | Path, cfg: Config) -> None:
+    """For ``--resume``: refuse a directory whose run has another config (see ``RUN_IDENTITY``)."""
+    from pipeflow.config import load_config  # noqa: PLC0415
+
+    path = Path(out) / "config.toml"
+    if not path.is_file():
+        return
+    try:
+        theirs = load_config(path)
+    except UserError:
+        raise UserError(f"{path} is not a valid pipeflow config, so the run in {out} cannot be resumed; "
+                        "pass --force to replace it") from None
+    difference = config_difference(theirs.to_dict(), cfg)
+    if difference:
+        raise UserError(f"output directory {out} holds a run with another config ({difference}); "
+                        "resume it with its own config, or pass --force to replace it")
+
+
+def finished_summary(out: str | Path) -> dict | None:
+    """The summary of a run that finished in ``out`` (None if it never did)."""
+    path = Path(out) / "summary.json"
+    if not path.is_file() or not (Path(out) / "model.pt").is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
 def prepare_run_dir(out: str | Path, force: bool = False, resume: bool = False) -> Path:
-    """Check ``out`` (see :func:`check_run_dir`); with ``force``, clear the old run's files."""
+    """Check ``out`` (see :func:`check_run_dir`); with ``force``, clear the old run's files.
+
+    With ``resume`` the directory is reused as it is (the caller has checked it is the same run).
+    """
     out = Path(out)
     held = check_run_dir(out, force, resume)
     if held and force and not resume:
@@ -53,11 +87,19 @@ def prepare_run_dir(out: str | Path, force: bool = False, resume: bool = False) 
 
 
 class RunLog:
-    def __init__(self, out: Path, cfg: Config):
+    def __init__(self, out: Path, cfg: Config, metrics_bytes: int | None = None):
+        """``metrics_bytes``: resuming, keep only that much of ``metrics.jsonl`` (what the checkpoint had logged)."""
         self.out = Path(out)
         (self.out / "samples").mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.out / "config.toml", to_toml(cfg).encode())
         self._metrics = open(self.out / "metrics.jsonl", "a")
+        if metrics_bytes is not None:
+            self._metrics.truncate(min(metrics_bytes, self._metrics.tell()))
+            self._metrics.seek(0, 2)
+
+    def tell(self) -> int:
+        """Bytes of ``metrics.jsonl`` written so far (saved in checkpoints)."""
+        return self._metrics.tell()
 
     def log(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(record) + "\n")

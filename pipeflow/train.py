@@ -15,17 +15,19 @@ Fine-tuning and the ``e2e`` baseline are the same loop with one part: the whole 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from pipeflow.checkpoint import CheckpointStore, rng_state, save_model, set_rng_state
 from pipeflow.config import Config
+from pipeflow.errors import UserError
 from pipeflow.evaluate import evaluate
-from pipeflow.part_trainer import PartTrainer
+from pipeflow.part_trainer import PartTrainer, TrainingDiverged
 from pipeflow.parts import whole_model_part
-from pipeflow.runlog import RunLog, prepare_run_dir
+from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
 from pipeflow.schedules import active_parts
 from pipeflow.setup import Run, build_run, resolve_device
 
@@ -82,26 +84,46 @@ def make_phases(run: Run, device: torch.device) -> list[Phase]:
     return [by_parts, finetune]
 
 
+CheckpointHook = Callable[[int, int], None]  # (epoch of the phase, batches of it done) -> save a checkpoint
+
+
 def run_phase(phase: Phase, run: Run, device: torch.device, log: RunLog | None, progress: Progress,
               on_step: Callback | None = None, on_epoch: Callback | None = None,
               shard: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              evaluate_fn: Callable[..., list[float]] = evaluate) -> None:
+              evaluate_fn: Callable[..., list[float]] = evaluate, start: tuple[int, int] = (0, 0),
+              checkpoint: CheckpointHook | None = None, after_step: Callable[[int], None] | None = None) -> None:
     """Train ``phase`` for its epochs, evaluating and drawing samples after each.
 
     ``shard`` picks this process's rows of every batch and ``evaluate_fn`` may pool the
     test set over processes: that is all data-parallel fine-tuning changes here.
+
+    ``start = (epoch, batch)`` resumes the phase at batch ``batch`` of its epoch ``epoch``
+    (``progress`` must then hold what the run had done by that point). ``checkpoint`` is
+    called with the position to resume from every ``checkpoint.every_steps`` steps and after
+    each epoch's evaluation; ``after_step`` with the global step after every step.
     """
-    t = run.cfg.train
+    t, every = run.cfg.train, run.cfg.checkpoint.every_steps
     batches, tests = run.train_batches(), run.test_batches()
     n_parts = len(phase.trainers)
-    for epoch in range(phase.epochs):
-        epoch_start = time.perf_counter()
-        for x in batches.epoch(progress.epochs_done):
+    clock = time.perf_counter()
+
+    def flush_time() -> None:  # training seconds so far into phase and progress (checkpoint writes excluded)
+        nonlocal clock
+        now = time.perf_counter()
+        phase.seconds += now - clock
+        progress.train_seconds += now - clock
+        clock = now
+
+    first_epoch, first_batch = start
+    for epoch in range(first_epoch, phase.epochs):
+        skip = first_batch if epoch == first_epoch else 0
+        clock = time.perf_counter()
+        for b, x in enumerate(batches.epoch(progress.epochs_done, start=skip), start=skip):
             x = shard(x) if shard else x
             active = active_parts(phase.schedule, n_parts, epoch, progress.global_step, phase.epochs, t.alternate_every)
-            start = time.perf_counter()
+            step_start = time.perf_counter()
             results = train_step(phase.trainers, active, x.to(device))
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - step_start
             progress.global_step += 1
             record_base = {"kind": "step", "phase": phase.name, "epoch": progress.epochs_done,
                            "step": progress.global_step, "images_per_s": len(x) / elapsed}
@@ -111,9 +133,13 @@ def run_phase(phase: Phase, run: Run, device: torch.device, log: RunLog | None, 
                     log.log({**record, "wall": time.time()})
                 if on_step:
                     on_step(record)
-        seconds = time.perf_counter() - epoch_start
-        phase.seconds += seconds
-        progress.train_seconds += seconds
+            if checkpoint and every and progress.global_step % every == 0 and b + 1 < len(batches):
+                flush_time()
+                checkpoint(epoch, b + 1)  # at an epoch's end the checkpoint follows the evaluation
+                clock = time.perf_counter()
+            if after_step:
+                after_step(progress.global_step)
+        flush_time()
         progress.epochs_done += 1
         bpds = evaluate_fn(phase.trainers, tests, device)
         phase.test_bpd = bpds[-1]
@@ -127,36 +153,89 @@ def run_phase(phase: Phase, run: Run, device: torch.device, log: RunLog | None, 
                 log.samples(run.model.sample(t.samples, t.temperature, gen), f"{phase.name}_epoch{progress.epochs_done:03d}")
         if on_epoch:
             on_epoch(record)
+        if checkpoint:
+            checkpoint(epoch + 1, 0)
+
+
+def diverged_hint(exc: BaseException, store: CheckpointStore) -> str:
+    """``exc``'s message, plus where the last good parameters are."""
+    try:
+        entries = store.entries()
+    except UserError:
+        entries = []
+    if not entries:
+        return f"{exc}; no checkpoint was saved yet"
+    newest = entries[-1]
+    good = newest["step"] - newest.get("bad_in_a_row", 0)
+    return (f"{exc}; the newest checkpoint in {store.dir}, of step {newest['step']}, holds the parameters of step "
+            f"{good}, the last good one (a skipped step changes nothing): --resume auto continues from it, "
+            "e.g. with a lower train.lr")
 
 
 def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback | None = None,
-          on_epoch: Callback | None = None) -> dict:
-    """Train as ``cfg`` says, write the run directory ``out`` and return its summary."""
+          on_epoch: Callback | None = None, resume: bool = False,
+          after_step: Callable[[int], None] | None = None) -> dict:
+    """Train as ``cfg`` says, write the run directory ``out`` and return its summary.
+
+    ``resume``: continue the run in ``out`` from its newest checkpoint (or start it, if it has
+    none); a run that already finished is returned as it is. Checkpoints go to
+    ``out/checkpoints/rank0`` every ``checkpoint.every_steps`` steps and after every epoch.
+    """
     wall_start = time.perf_counter()
-    out = prepare_run_dir(out, force=force)
+    out = Path(out)
+    # Every check that can refuse the run comes before anything is written to ``out``.
+    check_run_dir(out, force=force, resume=resume)
+    if resume:
+        check_same_run(out, cfg)
+        done = finished_summary(out)
+        if done is not None:
+            return done
     run = build_run(cfg)
     device = resolve_device(cfg.train.device)
     run.model.to(device)
     for part in run.parts:
         part.to(device)
-    log = RunLog(out, cfg)
-    progress = Progress()
     phases = make_phases(run, device)
-    # Data-dependent init of every ActNorm from the first training batch, before any update:
-    # a part then starts from the same statistics whatever the schedule.
-    first = next(run.train_batches().epoch(0)).to(device)
-    with torch.no_grad():
-        h = first
-        for part in run.parts:
-            h = part(h)[0]
+    progress = Progress()
+    store = CheckpointStore(out, 0, cfg.checkpoint.keep)
+    state = _load_single_state(store, cfg) if resume else None
+    position = (0, 0, 0)  # phase, epoch of the phase, batches of that epoch done
+    if state is not None:
+        position = _restore_single(state, run, phases, progress, device)
+    out = prepare_run_dir(out, force=force, resume=resume)
+    if resume:
+        store.discard_after(state["step"] if state else 0)
+    log = RunLog(out, cfg, metrics_bytes=state["metrics_bytes"] if state else (0 if resume else None))
+    if state is None:
+        # Data-dependent init of every ActNorm from the first training batch, before any update:
+        # a part then starts from the same statistics whatever the schedule.
+        first = next(run.train_batches().epoch(0)).to(device)
+        with torch.no_grad():
+            h = first
+            for part in run.parts:
+                h = part(h)[0]
+
+    def save(p: int, epoch: int, batch: int) -> None:
+        store.save(progress.global_step, phases[p].name, {
+            "kind": "single", "world": 1, "config": cfg.to_dict(),
+            "model": run.model.state_dict(), "parts": [part.state_dict() for part in run.parts],
+            "trainers": [[tr.state_dict() for tr in ph.trainers] for ph in phases],
+            "phases": [{"seconds": ph.seconds, "test_bpd": ph.test_bpd} for ph in phases],
+            "progress": asdict(progress), "position": [p, epoch, batch], "metrics_bytes": log.tell(),
+            "rng": rng_state(device),
+        }, world=1, kind="single", bad_in_a_row=max(tr.bad_in_a_row for ph in phases for tr in ph.trainers))
+
     try:
-        for phase in phases:
-            if phase.epochs:
-                run_phase(phase, run, device, log, progress, on_step, on_epoch)
+        for p, phase in enumerate(phases):
+            if p < position[0] or not phase.epochs:
+                continue
+            start = (position[1], position[2]) if p == position[0] else (0, 0)
+            run_phase(phase, run, device, log, progress, on_step, on_epoch, start=start,
+                      checkpoint=lambda e, b, p=p: save(p, e, b), after_step=after_step)
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(diverged_hint(exc, store)) from None
     finally:
         log.close()
-    from pipeflow.checkpoint import save_model  # noqa: PLC0415
-
     save_model(out / "model.pt", run.model, cfg, run.n_bins)
     final_bpd = evaluate([PartTrainer(whole_model_part(run.model), 1.0, cfg.train, run.num_dims, run.n_bins)],
                          run.test_batches(), device)[-1]
@@ -173,6 +252,38 @@ def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback |
                              "test_bpd": ph.test_bpd} for ph in phases},
         "history": progress.history,
         "device": str(device),
+        "resumed_from_step": state["step"] if state else None,
     }
     log.summary(summary)
     return summary
+
+
+def _load_single_state(store: CheckpointStore, cfg: Config) -> dict | None:
+    entries = store.entries()
+    if not entries:
+        return None
+    newest = entries[-1]
+    if newest.get("kind", "single") != "single" or newest.get("world", 1) != 1:
+        raise UserError(f"the checkpoints in {store.dir.parent} were written by {newest.get('world')} processes: "
+                        "resume that run with torchrun ... -m pipeflow.launch --resume auto")
+    return store.load(newest["step"], cfg)
+
+
+def _restore_single(state: dict, run: Run, phases: list[Phase], progress: Progress,
+                    device: torch.device) -> tuple[int, int, int]:
+    where = f"checkpoint of step {state['step']}"
+    try:
+        run.model.load_state_dict(state["model"])
+        for part, part_state in zip(run.parts, state["parts"], strict=True):
+            part.load_state_dict(part_state)
+        for phase, trainer_states, phase_state in zip(phases, state["trainers"], state["phases"], strict=True):
+            for trainer, trainer_state in zip(phase.trainers, trainer_states, strict=True):
+                trainer.load_state_dict(trainer_state)
+            phase.seconds, phase.test_bpd = phase_state["seconds"], phase_state["test_bpd"]
+        for key, value in state["progress"].items():
+            setattr(progress, key, value)
+        set_rng_state(state["rng"], device)
+        p, epoch, batch = state["position"]
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"the {where} does not fit this run: {str(exc).splitlines()[0]}") from None
+    return p, epoch, batch

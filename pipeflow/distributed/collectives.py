@@ -1,19 +1,47 @@
 """The few collectives pipeflow uses, all outside the by-parts phase's message stream
-(except gradient averaging among the replicas of one stage when R > 1)."""
+(except gradient averaging among the replicas of one stage when R > 1).
+
+Every collective waits at most the process group's timeout (``distributed.timeout_s``,
+given to ``init_process_group``); :func:`guard` turns a collective that timed out or lost a
+peer into :class:`~pipeflow.distributed.transport.PeerSilent` with one readable line.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import contextlib
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from pipeflow.distributed.transport import PeerSilent
 
-def agree(ok: bool, device: torch.device) -> bool:
-    """True only if every rank says ok: lets all ranks stop together on a setup error."""
+# what gloo and NCCL say when a peer is silent or gone
+_PEER_TROUBLE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "nccl", "gloo",
+                 "socket", "peer")
+
+
+@contextlib.contextmanager
+def guard(what: str, timeout_s: float) -> Iterator[None]:
+    """Run collectives; a timeout or a lost peer becomes PeerSilent naming this rank and ``what``."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as exc:
+        text = str(exc)
+        ours = type(exc) is not RuntimeError and not isinstance(exc, dist.DistError)  # PeerSilent, TrainingDiverged, ...
+        if ours or not any(word in text.lower() for word in _PEER_TROUBLE):
+            raise
+        detail = text.splitlines()[0] if text else type(exc).__name__
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        raise PeerSilent(f"rank {rank}: {what} got no answer from every rank within {timeout_s:g} s "
+                         f"(distributed.timeout_s), or lost one: {detail}") from None
+
+
+def agree(ok: bool, device: torch.device, group=None) -> bool:
+    """True only if every rank (of ``group``) says ok: lets all ranks stop together on a setup error."""
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
 
 
@@ -57,3 +85,17 @@ def gather_to_rank0(obj):
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def gather_all(obj: Any) -> list:
+    """Every rank's ``obj``, on every rank (a list by rank)."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src``, on every rank."""
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

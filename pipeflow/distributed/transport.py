@@ -11,7 +11,7 @@ can hang on gloo), while a bounded queue lets ``in_flight`` batches wait for the
 that transfers overlap compute and a fast stage cannot run away from a slow one. The
 thread can also pace its sends to a given bandwidth, to show what a slow link does.
 
-Receives wait at most ``timeout_s``; a silent peer is an error that names it.
+Receives and sends wait at most ``timeout_s``; a silent peer is an error that names it.
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ class Outbox:
         self.timeout_s = timeout_s
         self._queue: queue.Queue = queue.Queue(maxsize=in_flight)
         self._error: BaseException | None = None
+        # what has been handed over to send, sent or not (a checkpoint counts a queued message as sent:
+        # a run resumed from it will not send that message again)
+        self.queued_bytes, self.queued_messages = self.counters.forward_bytes, self.counters.forward_messages
         self._thread = threading.Thread(target=self._run, name=f"send-{rank}-to-{peer}", daemon=True)
         self._thread.start()
 
@@ -93,12 +96,9 @@ class Outbox:
         if self.device.type == "cuda":  # the thread must not send before the kernels that fill it ran
             ready = torch.cuda.Event()
             ready.record()
-        while True:
-            try:
-                self._queue.put((header, payload, ready), timeout=1.0)
-                return
-            except queue.Full:
-                self._raise_if_failed()
+        self._put_while_alive((header, payload, ready), "send a message to")
+        self.queued_bytes += sum(t.numel() * t.element_size() for t in (header, payload) if t is not None)
+        self.queued_messages += 1
 
     def _run(self) -> None:
         if self.device.type == "cuda":
@@ -118,7 +118,10 @@ class Outbox:
                 nbytes = 0
                 for tensor in (header, payload):
                     if tensor is not None:
-                        dist.send(tensor, dst=self.peer)
+                        # isend + wait with a timeout: blocks this thread until the peer has the
+                        # tensor (on NCCL too, where a plain send returns at once), and never forever
+                        work = dist.isend(tensor, dst=self.peer)
+                        work.wait(timeout=timedelta(seconds=self.timeout_s))
                         nbytes += tensor.numel() * tensor.element_size()
                 sent += nbytes
                 if self.bandwidth > 0:  # pace: the link may not have moved more than bandwidth * elapsed
@@ -129,7 +132,10 @@ class Outbox:
                 self.counters.forward_bytes += nbytes
                 self.counters.forward_messages += 1
             except BaseException as exc:  # noqa: BLE001 (handed to the main thread)
-                self._error = PeerSilent(f"rank {self.rank} could not send to rank {self.peer}: {exc}")
+                detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self._error = PeerSilent(
+                    f"rank {self.rank} could not send to rank {self.peer}: rank {self.peer} took nothing for "
+                    f"{self.timeout_s:g} s (distributed.timeout_s), or the link broke: {detail}")
                 return
 
     def _raise_if_failed(self) -> None:
@@ -137,21 +143,35 @@ class Outbox:
             raise self._error
 
     def close(self) -> None:
-        """Flush every queued message, then stop the thread."""
-        deadline = time.monotonic() + self.timeout_s
+        """Flush every queued message, then stop the thread.
+
+        Each send has its own timeout, so this ends; as a guard besides, it gives up once the
+        thread has sent nothing for twice ``timeout_s`` (a slow but live peer keeps it going).
+        """
+        self._put_while_alive(None, "flush its messages to")
+        while self._thread.is_alive():
+            sent = self.counters.forward_messages
+            self._thread.join(2 * self.timeout_s + 5)
+            if self._thread.is_alive() and self.counters.forward_messages == sent:
+                self._raise_if_failed()
+                raise PeerSilent(f"rank {self.rank} could not flush its messages to rank {self.peer} in "
+                                 f"{2 * self.timeout_s:g} s (distributed.timeout_s): rank {self.peer} is silent")
+        self._raise_if_failed()
+
+    def _put_while_alive(self, item, what: str) -> None:
+        """Queue ``item``, waiting while the queue is full and the thread still gets messages out."""
+        sent, since = self.counters.forward_messages, time.monotonic()
         while True:
             try:
-                self._queue.put(None, timeout=1.0)
-                break
+                self._queue.put(item, timeout=1.0)
+                return
             except queue.Full:
                 self._raise_if_failed()
-                if time.monotonic() > deadline:
-                    break
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        self._raise_if_failed()
-        if self._thread.is_alive():
-            raise PeerSilent(f"rank {self.rank} could not flush its messages to rank {self.peer} "
-                             f"in {self.timeout_s:.0f} s (distributed.timeout_s)")
+                if self.counters.forward_messages != sent:
+                    sent, since = self.counters.forward_messages, time.monotonic()
+                elif time.monotonic() - since > 2 * self.timeout_s + 5:  # the thread's own send times out first
+                    raise PeerSilent(f"rank {self.rank} could not {what} rank {self.peer} in "
+                                     f"{2 * self.timeout_s:g} s (distributed.timeout_s): rank {self.peer} is silent")
 
 
 class Inbox:
@@ -169,7 +189,7 @@ class Inbox:
         except Exception as exc:  # noqa: BLE001 (gloo raises RuntimeError on a timeout or a closed peer)
             detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise PeerSilent(
-                f"rank {self.rank} heard nothing from rank {self.peer} for {self.timeout_s:.0f} s "
+                f"rank {self.rank} heard nothing from rank {self.peer} for {self.timeout_s:g} s "
                 f"(distributed.timeout_s), or lost the link: {detail}"
             ) from None
         return tensor
