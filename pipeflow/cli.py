@@ -59,6 +59,8 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Train on one device (the single-device simulation of the pipeline)."""
+    import contextlib  # noqa: PLC0415
+
     from pipeflow.glow.invconv import SingularWeightError  # noqa: PLC0415
     from pipeflow.part_trainer import TrainingDiverged  # noqa: PLC0415
     from pipeflow.progress import TrainingDisplay  # noqa: PLC0415
@@ -67,13 +69,22 @@ def train(
     if resume not in (None, "auto"):
         raise UserError(f"--resume takes 'auto' (continue from the newest checkpoint in --out), not {resume!r}")
     cfg = _config(config, set_, (f"train.schedule={schedule}",) if schedule else ())
-    try:
-        with TrainingDisplay(console, cfg, enabled=not quiet) as display:
-            summary = run_training(cfg, out, force=force, on_step=display.on_step, on_epoch=display.on_epoch,
+    display = TrainingDisplay(console, cfg, enabled=not quiet)
+    with contextlib.ExitStack() as shown:
+        def on_step(record: dict) -> None:  # the bar starts with the first step: bad input before it is one line
+            if not display.task:
+                shown.enter_context(display)
+            display.on_step(record)
+
+        try:
+            summary = run_training(cfg, out, force=force, on_step=on_step, on_epoch=display.on_epoch,
                                    resume=resume == "auto")
-    except (TrainingDiverged, SingularWeightError) as exc:  # a failure at run time: status 1, no traceback
-        print(f"pipeflow: failed: {exc}", file=sys.stderr)
-        raise typer.Exit(1) from None
+        except (TrainingDiverged, SingularWeightError) as exc:  # a failure at run time: status 1, no traceback
+            shown.close()
+            print(f"pipeflow: failed: {exc}", file=sys.stderr)
+            raise typer.Exit(1) from None
+    if summary.get("already_finished"):
+        print(f"the run in {out} has already finished; nothing to resume")
     display.closing_table(summary, out)
 
 

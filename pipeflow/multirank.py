@@ -42,6 +42,7 @@ from pipeflow.distributed.topology import Topology
 from pipeflow.distributed.transport import TRAIN, Counters, Inbox, Message, Outbox
 from pipeflow.errors import UserError
 from pipeflow.evaluate import evaluate, evaluation_sums
+from pipeflow.objective import part_objective
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged
 from pipeflow.parts import whole_model_part
 from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
@@ -434,6 +435,8 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
                 trainer.load_state_dict(state["trainer"])
                 phase.seconds, phase.test_bpd = state["phase"]["seconds"], state["phase"]["test_bpd"]
                 start = tuple(state["position"])
+                if mode == "ddp":
+                    _rebucket(trainer, run, shard, device)
 
             def save(epoch: int, batch: int) -> None:
                 if topo.rank != 0:
@@ -497,6 +500,20 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
     }
     log.summary(summary)
     return summary
+
+
+def _rebucket(trainer: PartTrainer, run: Run, shard, device: torch.device) -> None:
+    """One forward and backward pass that changes nothing, so that DDP re-buckets as the interrupted run had.
+
+    DDP reduces every gradient in one bucket on its first step and in buckets made from the
+    order gradients arrive ever after. A resumed run's first step would otherwise sum its
+    gradients in another layout than the uninterrupted run did (with more than two ranks,
+    in another order), and its parameters would differ from it in the last bits.
+    """
+    x = shard(next(run.train_batches().epoch(0))).to(device)
+    out = part_objective(trainer.module, x, torch.zeros(len(x), device=device), run.num_dims, run.n_bins)
+    out.loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
 
 
 def _rows_cover(x: torch.Tensor, topo: Topology) -> torch.Tensor:

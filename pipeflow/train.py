@@ -189,7 +189,7 @@ def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback |
         check_same_run(out, cfg)
         done = finished_summary(out)
         if done is not None:
-            return done
+            return {**done, "already_finished": True}
     run = build_run(cfg)
     device = resolve_device(cfg.train.device)
     run.model.to(device)

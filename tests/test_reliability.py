@@ -382,7 +382,7 @@ def refused(result: subprocess.CompletedProcess, message: str) -> None:
 def test_bad_input_even_with_force_leaves_the_run_untouched(tmp_path, reference_run, args, message):
     config = write(tmp_path)
     before = snapshot(reference_run)
-    refused(cli("train", "--config", str(config), "--out", str(reference_run), "--force", "--quiet", *args), message)
+    refused(cli("train", "--config", str(config), "--out", str(reference_run), "--force", *args), message)
     assert snapshot(reference_run) == before
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from pipeflow.distributed.transport import PeerSilent
+from pipeflow.distributed.transport import PeerSilent, brief
 
 # what gloo and NCCL say when a peer is silent or gone
 _PEER_TROUBLE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "nccl", "gloo",
@@ -32,10 +32,9 @@ def guard(what: str, timeout_s: float) -> Iterator[None]:
         ours = type(exc) is not RuntimeError and not isinstance(exc, dist.DistError)  # PeerSilent, TrainingDiverged, ...
         if ours or not any(word in text.lower() for word in _PEER_TROUBLE):
             raise
-        detail = text.splitlines()[0] if text else type(exc).__name__
         rank = dist.get_rank() if dist.is_initialized() else "?"
         raise PeerSilent(f"rank {rank}: {what} got no answer from every rank within {timeout_s:g} s "
-                         f"(distributed.timeout_s), or lost one: {detail}") from None
+                         f"(distributed.timeout_s), or lost one: {brief(exc)}") from None
 
 
 def agree(ok: bool, device: torch.device, group=None) -> bool:

@@ -17,6 +17,7 @@ Receives and sends wait at most ``timeout_s``; a silent peer is an error that na
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +33,12 @@ INIT, TRAIN, EVAL, EVAL_END, STOP = 0, 1, 2, 3, 4  # message kinds
 
 class PeerSilent(RuntimeError):
     """A neighbouring rank sent nothing for ``timeout_s`` seconds, or its link broke."""
+
+
+def brief(exc: BaseException) -> str:
+    """The gist of a backend's error: its first sentence, without gloo's source location."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0]
 
 
 @dataclass
@@ -132,10 +139,9 @@ class Outbox:
                 self.counters.forward_bytes += nbytes
                 self.counters.forward_messages += 1
             except BaseException as exc:  # noqa: BLE001 (handed to the main thread)
-                detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 self._error = PeerSilent(
                     f"rank {self.rank} could not send to rank {self.peer}: rank {self.peer} took nothing for "
-                    f"{self.timeout_s:g} s (distributed.timeout_s), or the link broke: {detail}")
+                    f"{self.timeout_s:g} s (distributed.timeout_s), or the link broke: {brief(exc)}")
                 return
 
     def _raise_if_failed(self) -> None:
@@ -187,10 +193,9 @@ class Inbox:
         try:
             work.wait(timeout=timedelta(seconds=self.timeout_s))
         except Exception as exc:  # noqa: BLE001 (gloo raises RuntimeError on a timeout or a closed peer)
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise PeerSilent(
                 f"rank {self.rank} heard nothing from rank {self.peer} for {self.timeout_s:g} s "
-                f"(distributed.timeout_s), or lost the link: {detail}"
+                f"(distributed.timeout_s), or lost the link: {brief(exc)}"
             ) from None
         return tensor
 
