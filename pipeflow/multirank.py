@@ -155,6 +155,9 @@ def plan_resume(manifests: list[list[dict]], topo: Topology) -> tuple[str, int] 
     """Where to resume from, given every rank's manifest: ``(phase, step)`` or None (from scratch)."""
     for r, entries in enumerate(manifests):
         for e in entries:
+            if e.get("kind") == "single":
+                raise UserError("the checkpoints in this run directory were written by `pipeflow train` on one device: "
+                                "resume them with pipeflow train --resume auto, or pass --force to start afresh")
             if (e.get("world"), e.get("stages")) != (topo.world, topo.stages):
                 raise UserError(f"the checkpoints of rank {r} were written by {e.get('world')} processes running "
                                 f"{e.get('stages')} parts, not {topo.world} running {topo.stages}: resume with the "
@@ -240,7 +243,7 @@ def by_parts_phase(run: Run, ctx: RankContext, counters: Counters, on_eval=None,
                 "part": part.state_dict(), "trainer": trainer.state_dict(), "report": asdict(report),
                 "counters": sent, "allreduce_bytes": grad_hook.bytes if grad_hook else 0,
                 "metrics_bytes": log.tell() if log else 0, "rng": rng_state(device),
-            }, world=topo.world, stages=topo.stages, bad_in_a_row=trainer.bad_in_a_row)
+            }, kind="by_parts", world=topo.world, stages=topo.stages, bad_in_a_row=trainer.bad_in_a_row)
         ctx.after_step(msg.step)
 
     with guard(f"the gradient average of stage {topo.stage}", cfg.distributed.timeout_s):
@@ -447,7 +450,7 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
                     "phase": {"seconds": phase.seconds, "test_bpd": phase.test_bpd}, "progress": asdict(progress),
                     "position": [epoch, batch], "reports": reports, "summary_phases": summary_phases,
                     "gather_bytes": gather_bytes, "metrics_bytes": log.tell(), "rng": rng_state(device),
-                }, world=topo.world, stages=topo.stages, bad_in_a_row=trainer.bad_in_a_row)
+                }, kind=ft_name, world=topo.world, stages=topo.stages, bad_in_a_row=trainer.bad_in_a_row)
 
             run_phase(phase, run, device, log, progress, shard=shard, evaluate_fn=evaluate_fn, start=start,
                       checkpoint=save, after_step=ctx.after_step)

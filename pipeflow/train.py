@@ -263,9 +263,10 @@ def _load_single_state(store: CheckpointStore, cfg: Config) -> dict | None:
     if not entries:
         return None
     newest = entries[-1]
-    if newest.get("kind", "single") != "single" or newest.get("world", 1) != 1:
-        raise UserError(f"the checkpoints in {store.dir.parent} were written by {newest.get('world')} processes: "
-                        "resume that run with torchrun ... -m pipeflow.launch --resume auto")
+    if newest.get("kind") != "single":
+        raise UserError(f"the checkpoints in {store.dir.parent} were written by pipeflow.launch on "
+                        f"{newest.get('world')} process(es): resume that run with torchrun ... -m pipeflow.launch "
+                        "--resume auto, or pass --force to start afresh")
     return store.load(newest["step"], cfg)
 
 

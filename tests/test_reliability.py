@@ -203,6 +203,8 @@ def test_resume_plan_is_the_newest_step_every_rank_has():
         plan_resume([entries([10, 12]), entries([6, 8]), entries([4, 6])], topo)
     with pytest.raises(UserError, match="written by 2 processes running 2 parts, not 3 running 3"):
         plan_resume([entries([2], world=2, stages=2)] * 3, topo)
+    with pytest.raises(UserError, match="written by `pipeflow train` on one device"):
+        plan_resume([[{"step": 2, "phase": "by_parts", "kind": "single", "world": 1}], [], []], topo)
 
 
 # --- numerical guards ----------------------------------------------------------------------------
@@ -472,8 +474,9 @@ def test_killed_ranks_restart_under_torchrun_and_end_like_an_uninterrupted_run(t
 
 
 def test_a_silent_rank_fails_every_other_rank_in_bounded_time(tmp_path):
-    """Rank 1 of 3 stops (SIGSTOP) after step 3; ranks 0 and 2 must give up after distributed.timeout_s."""
-    config = write(tmp_path, TINY_MULTI.replace("count = 2", "count = 3").replace("timeout_s = 30", "timeout_s = 4")
+    """Rank 1 of 3 stops (SIGSTOP) after step 3; ranks 0 and 2 must give up after distributed.timeout_s (8 s: the
+    start-up of three processes on two busy cores must fit in it too)."""
+    config = write(tmp_path, TINY_MULTI.replace("count = 2", "count = 3").replace("timeout_s = 30", "timeout_s = 8")
                    .replace("every_steps = 1", "every_steps = 0").replace("finetune_epochs = 1", "finetune_epochs = 0"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -488,7 +491,7 @@ def test_a_silent_rank_fails_every_other_rank_in_bounded_time(tmp_path):
     try:
         results = {}
         for rank in (0, 2):
-            _, err = procs[rank].communicate(timeout=120)  # bounded: startup, 3 steps, then 4 s of silence
+            _, err = procs[rank].communicate(timeout=120)  # bounded: startup, 3 steps, then 8 s of silence
             results[rank] = (procs[rank].returncode, err)
         assert procs[1].poll() is None  # still stopped
     finally:
@@ -502,10 +505,10 @@ def test_a_silent_rank_fails_every_other_rank_in_bounded_time(tmp_path):
     assert code0 == 1 and code2 == 1
     assert launch_lines(err0, "failed") == [launch_lines(err0, "failed")[0]]
     assert launch_lines(err0, "failed")[0].startswith(
-        "pipeflow.launch: failed (rank 0): rank 0 could not send to rank 1: rank 1 took nothing for 4 s "
+        "pipeflow.launch: failed (rank 0): rank 0 could not send to rank 1: rank 1 took nothing for 8 s "
         "(distributed.timeout_s), or the link broke:")
     assert launch_lines(err2, "failed")[0].startswith(
-        "pipeflow.launch: failed (rank 2): rank 2 heard nothing from rank 1 for 4 s (distributed.timeout_s), "
+        "pipeflow.launch: failed (rank 2): rank 2 heard nothing from rank 1 for 8 s (distributed.timeout_s), "
         "or lost the link:")
     assert "Traceback" not in err0 + err2
 
@@ -547,4 +550,7 @@ def test_launch_resume_refuses_another_world_size_or_config(tmp_path, multi_refe
     assert launch_lines(result.stderr, "error (rank 0)") == [
         f"pipeflow.launch: error (rank 0): output directory {run} holds a run with another config "
         "(train.batch_size = 32 there, 16 here); resume it with its own config, or pass --force to replace it"]
+    # nor can one device resume what several ranks saved
+    with pytest.raises(UserError, match=r"were written by pipeflow.launch on 2 process\(es\): resume that run with torchrun"):
+        train(load_config(config), run, resume=True)
     assert snapshot(run) == before
