@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"[rank 0] the run in {args.out} has already finished (test {summary['test_bpd']:.4f} bits/dim); "
                 "nothing to resume")
         elif summary is not None:
-            resumed = f" (resumed after step {summary['resumed_from_step']})" if summary.get("resumed_from_step") else ""
+            step = summary.get("resumed_from_step")
+            resumed = f" (resumed after step {step})" if step else ""
             say(f"[rank 0] test {summary['test_bpd']:.4f} bits/dim in {summary['wall_seconds']:.1f} s{resumed}; "
                 f"forward {summary['comm']['forward_bytes']:,} B, backward {summary['comm']['backward_bytes']} B; "
                 f"run in {args.out}")

@@ -171,7 +171,8 @@ def plan_resume(manifests: list[list[dict]], topo: Topology) -> tuple[str, int] 
     common = set.intersection(*by_parts)
     if not common:
         held = "; ".join(f"rank {r}: {', '.join(map(str, sorted(s)))}" for r, s in enumerate(by_parts))
-        raise UserError(f"no step is saved by every rank ({held}); raise checkpoint.keep, or pass --force to start afresh")
+        raise UserError(f"no step is saved by every rank ({held}); raise checkpoint.keep, "
+                        "or pass --force to start afresh")
     return "by_parts", max(common)
 
 
@@ -411,7 +412,7 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
                 _load_data(run, device)
             elif run.data is None:
                 run.data = load_dataset(cfg.data)
-            if topo.stages == 1 and not resumed_finetune:  # e2e from scratch: every rank initialises from the same first batch
+            if topo.stages == 1 and not resumed_finetune:  # e2e from scratch: all initialise from the same first batch
                 model.initialize(next(run.train_batches().epoch(0)).to(device))
             lr = (t.finetune_lr or t.lr) if topo.stages > 1 else t.lr
             whole = whole_model_part(model)
@@ -456,7 +457,8 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
                       checkpoint=save, after_step=ctx.after_step)
             if mode == "ddp":
                 # what DDP all-reduces: every gradient, every step (before the ring's 2(W-1)/W factor)
-                finetune_bytes = 4 * sum(p.numel() for p in whole.parameters()) * (progress.global_step - by_parts_steps)
+                steps = progress.global_step - by_parts_steps
+                finetune_bytes = 4 * sum(p.numel() for p in whole.parameters()) * steps
         ft_skipped = trainer.skipped
         summary_phases[ft_name] = {"epochs": ft_epochs, "seconds": phase.seconds,
                                    "schedule": "e2e" if mode == "rank0" else "ddp", "test_bpd": phase.test_bpd}

@@ -29,7 +29,8 @@ def guard(what: str, timeout_s: float) -> Iterator[None]:
         yield
     except (RuntimeError, dist.DistError) as exc:
         text = str(exc)
-        ours = type(exc) is not RuntimeError and not isinstance(exc, dist.DistError)  # PeerSilent, TrainingDiverged, ...
+        # PeerSilent, TrainingDiverged, ...: ours, already clear
+        ours = type(exc) is not RuntimeError and not isinstance(exc, dist.DistError)
         if ours or not any(word in text.lower() for word in _PEER_TROUBLE):
             raise
         rank = dist.get_rank() if dist.is_initialized() else "?"
