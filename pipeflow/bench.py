@@ -129,7 +129,7 @@ def _launch(spec: dict, world: int, work: Path, name: str, timeout_s: float) -> 
         procs.append((subprocess.Popen([sys.executable, "-m", "pipeflow.bench_worker", str(spec_path), str(rank)],
                                        stdout=log, stderr=subprocess.STDOUT, env=env), log))
     deadline = time.monotonic() + timeout_s
-    failed = None
+    failed = "interrupted"
     try:
         for proc, _ in procs:
             try:
@@ -137,11 +137,13 @@ def _launch(spec: dict, world: int, work: Path, name: str, timeout_s: float) -> 
             except subprocess.TimeoutExpired:
                 failed = f"timed out after {timeout_s:.0f} s"
                 break
-            if proc.returncode != 0 and failed is None:
+            if proc.returncode != 0:
                 failed = f"a rank exited with status {proc.returncode}"
                 break
+        else:
+            failed = None
     finally:
-        for proc, log in procs:  # stop only the processes this run started
+        for proc, log in procs:  # stop only the processes this run started, if anything went wrong
             if proc.poll() is None:
                 if failed:
                     proc.kill()
@@ -175,7 +177,8 @@ def _single_metrics(result: dict, warmup: int, parts: int, schedule: str) -> dic
     return {"step_seconds": step, "step_seconds_mean": statistics.fmean(times), "step_times": times, **extra,
             "ranks": [{"rank": 0, "stage": None, "busy_fraction": 1.0, "busy_seconds_per_step": step,
                        "idle_seconds_per_step": 0.0, **_memory(result)}],
-            "forward_bytes_per_step": 0, "backward_bytes_per_step": 0, "skipped_steps": result["skipped"]}
+            "forward_bytes_per_step": 0, "backward_bytes_per_step": 0, "forward_bytes_per_rank_per_step": 0,
+            "backward_bytes_per_rank_per_step": 0, "skipped_steps": result["skipped"]}
 
 
 def _memory(result: dict) -> dict:
@@ -191,12 +194,14 @@ def _ddp_metrics(results: list[dict], warmup: int) -> dict:
     r0 = results[0]
     return {"step_seconds": step, "step_seconds_mean": statistics.fmean(per_step), "step_times": per_step,
             "ranks": [{"rank": r["rank"], "stage": None, "busy_fraction": None, "busy_seconds_per_step": None,
-                       "idle_seconds_per_step": None, **_memory(r)} for r in results],
+                       "idle_seconds_per_step": None, "sent_bytes_per_step": r["wire_bytes_per_step"], **_memory(r)}
+                      for r in results],
             "forward_bytes_per_step": 0,
-            # what DDP moves "backwards": every gradient, every step (per rank; the ring sends 2(P-1)/P of it)
-            "backward_bytes_per_step": r0["allreduce_bytes_per_step"],
+            # what DDP moves: every gradient, every step; a ring all-reduce makes each rank send 2(P-1)/P of it
             "allreduce_bytes_per_step": r0["allreduce_bytes_per_step"],
-            "wire_bytes_per_rank_per_step": r0["wire_bytes_per_step"],
+            "backward_bytes_per_rank_per_step": r0["wire_bytes_per_step"],
+            "backward_bytes_per_step": sum(r["wire_bytes_per_step"] for r in results),
+            "forward_bytes_per_rank_per_step": 0,
             "skipped_steps": r0["skipped"], "params": r0["params"]}
 
 
@@ -214,11 +219,13 @@ def _stage_metrics(results: list[dict], warmup: int, steps: int) -> dict:
         fwd = (r["forward_bytes"] - 32) / (messages - 1) if messages > 1 else 0  # less the STOP header; INIT counts
         ranks.append({"rank": r["rank"], "stage": r["stage"], "busy_fraction": busy / window if window > 0 else None,
                       "busy_seconds_per_step": busy / steps, "idle_seconds_per_step": (window - busy) / steps,
-                      "forward_bytes_per_step": fwd, "wire_seconds": r["wire_seconds"], "params": r["params"],
+                      "forward_bytes_per_step": fwd, "sent_bytes_per_step": fwd, "wire_seconds": r["wire_seconds"], "params": r["params"],
                       **_memory(r)})
     return {"step_seconds": step, "step_seconds_mean": statistics.fmean(gaps), "step_times": gaps, "ranks": ranks,
-            "forward_bytes_per_step": max(x["forward_bytes_per_step"] for x in ranks),
+            "forward_bytes_per_step": sum(x["forward_bytes_per_step"] for x in ranks),  # over every link
+            "forward_bytes_per_rank_per_step": max(x["forward_bytes_per_step"] for x in ranks),
             "backward_bytes_per_step": sum(r["backward_bytes"] for r in results) / max(steps, 1),
+            "backward_bytes_per_rank_per_step": max(r["backward_bytes"] for r in results) / max(steps, 1),
             "skipped_steps": sum(r["skipped"] for r in results)}
 
 
@@ -231,8 +238,7 @@ def bench(cfg: Config, opts: BenchOptions, log: Log | None = None, command: str 
     from pipeflow.balance import balanced_cuts, part_costs  # noqa: PLC0415
     from pipeflow.bench_worker import bench_batches  # noqa: PLC0415
     from pipeflow.data import dataset_shape, load_dataset, n_bins  # noqa: PLC0415
-    from pipeflow.flops import (alternate_cost_ratio, data_parallel_cost_ratio, paper_plan_ratio,  # noqa: PLC0415
-                                part_flops, stage_cost_ratio, step_flops)
+    from pipeflow.flops import alternate_cost_ratio, part_flops, stage_cost_ratio, step_flops  # noqa: PLC0415
     from pipeflow.parts import split_into_parts  # noqa: PLC0415
     from pipeflow.plan import cuts_of, describe_parts, measured_alternate_ratio, scheme_parts  # noqa: PLC0415
     from pipeflow.setup import build_model, resolve_device  # noqa: PLC0415
@@ -333,6 +339,10 @@ def bench(cfg: Config, opts: BenchOptions, log: Log | None = None, command: str 
                     "alternate_step": measured_alternate_ratio(measured_train, measured_forward, cuts),
                     "pipeline_step": stage_cost_ratio(part_costs(measured_train, cuts))}
         report["splits"] = splits
+        if "balanced-measured" in splits:
+            cuts = splits["balanced-measured"]["cuts"]
+            report["notes"].append(f"to train on the measured balanced split: --set parts.scheme=cuts "
+                                   f"--set 'parts.cuts={cuts}'")
         if not splits:
             raise UserError("none of the split schemes fits this model: " + "; ".join(report["notes"]))
         primary = next(iter(splits))
@@ -396,7 +406,7 @@ def bench(cfg: Config, opts: BenchOptions, log: Log | None = None, command: str 
             shutil.rmtree(work, ignore_errors=True)
     report["machine"]["load_after"] = _load()
     report["seconds"] = time.time() - started
-    _derive(report, cfg, shape, P, paper_plan_ratio, data_parallel_cost_ratio)
+    _derive(report, cfg, shape, P)
     return report
 
 
@@ -411,8 +421,10 @@ def _slug(bw: float) -> str:
     return f"-bw{int(bw)}" if bw else ""
 
 
-def _derive(report: dict, cfg: Config, shape, P: int, paper_plan_ratio, data_parallel_cost_ratio) -> None:
+def _derive(report: dict, cfg: Config, shape, P: int) -> None:
     """Speed-ups, ratios to end-to-end, predictions of the paper's plan, and the targets."""
+    from pipeflow.flops import data_parallel_cost_ratio, paper_plan_ratio  # noqa: PLC0415
+
     runs = [r for r in report["runs"] if "error" not in r]
     e2e = next((r for r in runs if r["name"] == "e2e"), None)
     splits = report["splits"]
@@ -480,7 +492,10 @@ def _targets(report: dict, runs: list[dict], e2e: dict | None, P: int) -> list[d
         return out
     threads = report["settings"]["threads_per_rank"]
     pipes = [r for r in runs if r["kind"] == "pipeline"]
-    balanced = [r for r in pipes if r["scheme"] in ("balanced", "balanced-measured")] or pipes
+    # a balanced split that cuts where another scheme does was run under that scheme's name
+    splits = report["splits"]
+    balanced_schemes = {splits[s]["same_as"] or s for s in ("balanced", "balanced-measured") if s in splits}
+    balanced = [r for r in pipes if r["scheme"] in balanced_schemes] or pipes
     for bw in sorted({r["bandwidth"] for r in pipes}):
         at = [r for r in balanced if r["bandwidth"] == bw]
         if not at:
@@ -561,12 +576,12 @@ def render(report: dict, console) -> None:
                   _f(r.get("speedup"), "{:.2f}x"), f"{1000 * r['step_seconds']:.1f}", _f(r.get("step_ratio"), "{:.3f}"),
                   _f(r.get("flop_model_step_ratio"), "{:.3f}"),
                   *([_f(r.get("measured_model_step_ratio"), "{:.3f}")] if measured else []), busy, idle, peak,
-                  _bytes(r.get("forward_bytes_per_step")), _bytes(r.get("backward_bytes_per_step")))
+                  _bytes(r.get("forward_bytes_per_rank_per_step")), _bytes(r.get("backward_bytes_per_rank_per_step")))
     t.caption = ("ranks: processes x threads; a/b: rank 0/rank 1; speed-up: images/s over e2e's; /e2e: step time over "
                  "e2e's (P-rank pipeline: the interval between the last stage's updates); FLOPs"
                  + (", costs" if measured else "") + ": that ratio as the FLOP model"
                  + (" and the measured step costs" if measured else "") + " predict it; busy: share of the time in updates; idle ms: per step; "
-                 "peak: above the process's baseline; fwd, bwd B: sent per step (DDP: gradients all-reduced per rank)")
+                 "peak: above the process's baseline; fwd, bwd B: the most any rank sends per step, forward to the next stage or, for DDP, in the gradient all-reduce")
     console.print(t)
 
     if report["splits"]:

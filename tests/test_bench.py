@@ -86,12 +86,14 @@ def test_bench_runs_everything_and_writes_json(config, tmp_path):
         assert 0 < x["busy_fraction"] <= 1.0 + 1e-6 and x["idle_seconds_per_step"] >= -1e-6
     # forward: one latent of part 0's output shape (4x4x4) plus the carry per image, and a header; nothing backwards
     assert pipe["ranks"][0]["forward_bytes_per_step"] == 32 + 16 * (4 * 4 * 4 + 1) * 4
+    assert pipe["forward_bytes_per_step"] == pipe["forward_bytes_per_rank_per_step"] == pipe["ranks"][0]["forward_bytes_per_step"]
     assert pipe["backward_bytes_per_step"] == 0
     assert pipe["flop_model_step_ratio"] == pytest.approx(max(p["flop_share"] for p in split["parts"]))
 
     ddp = runs["ddp x2"]
     assert ddp["allreduce_bytes_per_step"] == 4 * ddp["params"]  # every gradient, every step
-    assert ddp["wire_bytes_per_rank_per_step"] == pytest.approx(ddp["allreduce_bytes_per_step"])  # ring, 2 ranks
+    assert ddp["backward_bytes_per_rank_per_step"] == pytest.approx(ddp["allreduce_bytes_per_step"])  # ring, 2 ranks
+    assert ddp["backward_bytes_per_step"] == pytest.approx(2 * ddp["allreduce_bytes_per_step"])
     assert ddp["flop_model_step_ratio"] == 0.5
 
     alt = report["predictions"]["alternate"]
