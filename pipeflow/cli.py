@@ -182,6 +182,50 @@ def sample(checkpoint: Path = typer.Option(..., "--checkpoint", help="A model.pt
 
 @app.command()
 @user_errors
+def compare(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o",
+                             help="Directory for report.md, compare.json, plots/, samples/."),
+    runs: Optional[str] = typer.Option(None, "--runs", help="Comma-separated runs: e2e and <schedule><parts>, e.g. "
+                                       "e2e,alternate2,pipeline3 (default: e2e, alternate2/3, pipeline2/3, sequential2)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where the runs themselves go (default: --out/<run>)."),
+    force: bool = typer.Option(False, "--force", help="Train every run again instead of reusing finished ones."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+):
+    """End-to-end against by parts (same data, seed, epochs): bits/dim, wall-clock, plots, samples, report."""
+    import shlex  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from pipeflow.compare import compare as run_compare  # noqa: PLC0415
+
+    def log(message: str) -> None:
+        console.print(f"{time.strftime('%H:%M:%S')} {message}", markup=False, highlight=False)
+
+    cfg = _config(config, set_)
+    command = "pipeflow compare " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "compare" else None
+    results = run_compare(cfg, out, runs=runs, work_dir=work_dir, force=force,
+                          log=None if quiet else log, command=command)
+    table = Table(title=f"pipeflow compare in {out}")
+    for col in ("run", "by-parts bpd", "final bpd", "diff", "train s", "time / e2e", "claim"):
+        table.add_column(col, justify="right")
+    for name, e in results["runs"].items():
+        if e.get("test_bpd") is None:
+            table.add_row(name, "failed", "", "", "", "", "")
+            continue
+        fmt = lambda x, f: "-" if x is None else f.format(x)  # noqa: E731
+        table.add_row(name, fmt(e.get("by_parts_test_bpd"), "{:.4f}"), f"{e['test_bpd']:.4f}",
+                      fmt(e.get("bpd_diff"), "{:+.4f}"), f"{e['train_seconds']:.1f}", fmt(e.get("time_ratio"), "{:.3f}"),
+                      {True: "held", False: "no", None: "-"}[e.get("claim_held")])
+    held = results["claim"].get("held")
+    table.caption = (f"claim: {results['claim']['text']} -- "
+                     f"{'held' if held else 'not held' if held is not None else 'not checked'} (alternate runs)")
+    Console().print(table)
+    print(f"report: {out / 'report.md'}")
+
+
+@app.command()
+@user_errors
 def bench(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,

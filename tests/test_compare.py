@@ -1,0 +1,184 @@
+"""`pipeflow compare`: every run trained, then a complete report, JSON, plots and sample grids.
+
+Through the library function and through the command line, on a tiny digits config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeflow.compare import DEFAULT_RUNS, compare, parse_runs, run_config
+from pipeflow.config import from_dict, load_config
+from pipeflow.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160", "PYTHONPATH": str(ROOT)}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+TINY = {
+    "model": {"levels": 2, "steps": 2, "hidden": 8},
+    "data": {"dataset": "digits", "train_limit": 128, "test_limit": 32},
+    "parts": {"count": 2, "scheme": "across"},
+    "train": {"by_parts_epochs": 2, "finetune_epochs": 1, "batch_size": 16, "eval_batch_size": 64,
+              "steps_per_epoch": 2, "lr": 1e-3, "warmup_steps": 2, "alternate_every": 1, "samples": 4,
+              "threads": 1, "log_every": 1},
+}
+TINY_TOML = "\n".join(f"[{section}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items())
+                      for section, keys in TINY.items())
+
+
+def is_png(path: Path) -> bool:
+    data = path.read_bytes()
+    return len(data) > 100 and data.startswith(PNG_MAGIC) and data.endswith(b"IEND\xaeB`\x82")
+
+
+def check_outputs(out: Path, results: dict, names=DEFAULT_RUNS) -> None:
+    on_disk = json.loads((out / "compare.json").read_text())
+    assert on_disk["complete"] is True
+    assert list(on_disk["runs"]) == list(names)
+    for name in names:
+        run = on_disk["runs"][name]
+        for key in ("test_bpd", "train_seconds", "time_ratio", "bpd_diff", "cpu_seconds", "cpu_ratio"):
+            assert isinstance(run[key], float), (name, key, run[key])
+        assert run["history"] and run["history"][-1]["epoch"] == 3
+        assert run["test_bpd"] == results["runs"][name]["test_bpd"]
+        if name == "e2e":
+            assert run["time_ratio"] == 1.0 and run["bpd_diff"] == 0.0 and run["by_parts_test_bpd"] is None
+        else:
+            assert isinstance(run["by_parts_test_bpd"], float)
+            assert run["claim_held"] in (True, False)
+            assert run["claim_held"] == (run["bpd_diff"] <= 0.02 and run["time_ratio"] <= 0.75)
+            assert 0 < run["predicted"]["step"] <= 1 and 0 < run["predicted"]["plan"] <= 1
+        assert is_png(out / run["sample"]), name
+    assert on_disk["claim"]["held"] in (True, False)
+    assert on_disk["plots"] == ["plots/bpd_vs_time.png", "plots/bpd_vs_cpu.png", "plots/bpd_vs_epoch.png"]
+    for plot in on_disk["plots"]:
+        assert is_png(out / plot)
+
+    report = (out / "report.md").read_text()
+    claim = "by-parts + fine-tuning reaches the end-to-end test bpd within 0.02 in at most 75% of the wall-clock"
+    assert claim in report
+    assert "claim held for" in report
+    assert "## The by-parts phase alone" in report and "## The sequential ablation" in report
+    assert "predicted step" in report and "Load average" in report and "## At equal training time" in report
+    assert all(isinstance(r["cpu_seconds"], float) for run in on_disk["runs"].values() for r in run["history"])
+    for name in names:
+        assert f"| {name} |" in report
+        assert f"![{name}](samples/{name}.png)" in report
+    for plot in on_disk["plots"]:
+        assert f"]({plot})" in report
+
+
+@pytest.fixture(scope="module")
+def library_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    messages = []
+    results = compare(from_dict(TINY), tmp / "report", work_dir=tmp / "runs", log=messages.append)
+    return tmp, results, messages
+
+
+def test_library_compare_writes_a_complete_report(library_run):
+    tmp, results, messages = library_run
+    out = tmp / "report"
+    check_outputs(out, results)
+    # the heavy files stay in the work dir; the report dir holds only the report assets
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.jsonl"))
+    assert (tmp / "runs" / "alternate2" / "model.pt").is_file()
+    assert any("alternate2: training" in m for m in messages)
+
+
+def test_runs_share_the_budget_and_differ_as_asked(library_run):
+    tmp, results, _ = library_run
+    runs = results["runs"]
+    steps = {n: r["steps"] for n, r in runs.items()}
+    assert len(set(steps.values())) == 1  # same epochs x steps per epoch for every run
+    phases = {n: [h["phase"] for h in r["history"]] for n, r in runs.items()}
+    assert phases["e2e"] == ["e2e"] * 3
+    assert phases["alternate2"] == ["by_parts", "by_parts", "finetune"]
+    assert runs["alternate3"]["cuts"] == [1, 3] and runs["alternate2"]["cuts"] == [1]
+    config = (tmp / "runs" / "sequential2" / "config.toml").read_text()
+    assert 'schedule = "sequential"' in config and "count = 2" in config
+
+
+def test_rerun_reuses_finished_runs_and_retrains_an_interrupted_one(library_run, tmp_path):
+    tmp, first, _ = library_run
+    # pretend alternate3 was killed: no summary.json
+    (tmp / "runs" / "alternate3" / "summary.json").unlink()
+    messages = []
+    again = compare(from_dict(TINY), tmp / "report", work_dir=tmp / "runs", log=messages.append)
+    assert again["runs"]["e2e"]["reused"] and again["runs"]["pipeline2"]["reused"]
+    assert not again["runs"]["alternate3"]["reused"]
+    assert any("alternate3: training" in m for m in messages)
+    # deterministic: the retrained run gives the same bits/dim
+    assert again["runs"]["alternate3"]["test_bpd"] == pytest.approx(first["runs"]["alternate3"]["test_bpd"], abs=1e-6)
+    assert again["runs"]["e2e"]["train_seconds"] == first["runs"]["e2e"]["train_seconds"]
+
+
+def test_a_finished_run_with_another_config_is_not_overwritten(library_run):
+    tmp, _, _ = library_run
+    other = from_dict({**TINY, "train": {**TINY["train"], "lr": 2e-3}})
+    with pytest.raises(UserError, match="another config"):
+        compare(other, tmp / "other-report", runs="e2e", work_dir=tmp / "runs")
+
+
+def test_without_matplotlib_plots_are_skipped_with_a_note(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    messages = []
+    results = compare(from_dict(TINY), tmp_path, runs="alternate2", log=messages.append)
+    assert list(results["runs"]) == ["e2e", "alternate2"]  # the baseline is always there
+    assert results["plots"] == [] and not (tmp_path / "plots").exists()
+    assert any("pipeflow[plots]" in m for m in messages)
+    assert "pipeflow[plots]" in (tmp_path / "report.md").read_text()
+    # without --work-dir the runs live inside the report directory
+    assert (tmp_path / "alternate2" / "summary.json").is_file()
+
+
+def test_parse_runs():
+    assert parse_runs("alternate2, pipeline3") == [("e2e", "e2e", 1), ("alternate2", "alternate", 2),
+                                                   ("pipeline3", "pipeline", 3)]
+    assert [n for n, _, _ in parse_runs(None)] == list(DEFAULT_RUNS)
+    for bad in ("alternate", "alternate1", "foo2", "e2e,e2e", ""):
+        with pytest.raises(UserError):
+            parse_runs(bad)
+    cfg = run_config(from_dict(TINY), "sequential", 2)
+    assert cfg.train.schedule == "sequential" and cfg.parts.count == 2
+
+
+def test_cli_compare(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    assert load_config(config) == from_dict(TINY)
+    out = tmp_path / "report"
+    args = ["compare", "--config", config, "--out", out, "--work-dir", tmp_path / "runs", "--set", "train.seed=1"]
+    result = subprocess.run([sys.executable, "-m", "pipeflow.cli", *map(str, args)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "claim" in result.stdout and "report.md" in result.stdout
+    results = json.loads((out / "compare.json").read_text())
+    check_outputs(out, results)
+    assert results["config"]["train"]["seed"] == 1
+    assert results["command"].startswith("pipeflow compare --config")
+    assert "pipeflow compare --config" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runs", "bogus2"], "unknown run 'bogus2'"),
+    (["--set", "train.by_parts_epochs=1", "--runs", "sequential3"], "sequential"),
+])
+def test_cli_compare_bad_input_is_one_line(tmp_path, args, message):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    result = subprocess.run([sys.executable, "-m", "pipeflow.cli", "compare", "--config", str(config), "--out",
+                             str(tmp_path / "out"), *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "e2e").exists()  # nothing trained before the error
