@@ -52,7 +52,7 @@ Log = Callable[[str], None]
 class BenchOptions:
     parts: int | None = None  # P (default: parts.count)
     steps: int = 20  # timed steps
-    warmup: int = 3  # untimed steps first (at least 1)
+    warmup: int = 3  # untimed steps first (at least 2: memory is measured over the first two)
     batch: int | None = None  # images per step (default: train.batch_size); DDP ranks get batch/P each
     threads: int = 1  # intra-op threads per device (process)
     bandwidths: list[float] = field(default_factory=lambda: [0.0])  # bytes/s per rank link; 0: unthrottled
@@ -249,8 +249,8 @@ def bench(cfg: Config, opts: BenchOptions, log: Log | None = None, command: str 
     B = opts.batch or cfg.train.batch_size
     if P < 2:
         raise UserError("bench compares P ranks with one device: give --parts 2 or more")
-    if opts.steps < 1 or opts.warmup < 1:
-        raise UserError("bench needs --steps >= 1 and --warmup >= 1")
+    if opts.steps < 1 or opts.warmup < 2:
+        raise UserError("bench needs --steps >= 1 and --warmup >= 2 (memory is measured over the first two steps)")
     if opts.threads < 1:
         raise UserError("--threads must be at least 1")
     if any(bw < 0 for bw in opts.bandwidths):

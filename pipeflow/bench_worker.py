@@ -17,11 +17,11 @@ drives the library's own training code; only the clock around it is new:
   (the Outbox paces forward sends to the bandwidth).
 * ``costs``  -- one process: :func:`pipeflow.balance.measure_step_costs`.
 
-Memory: the increase of the process's resident set (CPU) or of CUDA allocated memory
-from just before the model is built (after imports, the process group and the batches)
-to its peak while training; on CPU the kernel's high-water mark is reset once the model
-is built and what the rank does not hold is freed, so a pipeline rank's figure is its
-part, its optimiser, its activations and its messages.
+Memory (:class:`Memory`): the peak over the first two (warm-up) steps of CUDA allocated
+memory, or of live anonymous memory on a CPU, above a baseline taken just before the
+model is built (after imports, the process group and the batches). A pipeline rank frees
+every layer but its own part before the window opens, so its figure is its part, its
+optimiser state, its activations and its messages.
 """
 
 from __future__ import annotations
@@ -84,23 +84,46 @@ def _load_lazy_modules() -> None:
         opt.zero_grad(set_to_none=True)
 
 
-class Memory:
-    """Peak memory of this process above a baseline.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
-    On CUDA: ``max_memory_allocated``. On CPU the resident set counts more than tensors: the
-    pages of torch's shared libraries that the first use of each kernel brings in (well over
-    100 MiB, the same for a tiny model as for a large one). So the figure is the peak of the
-    *anonymous* resident memory (resident minus file-backed, /proc/self/statm), sampled every
-    ``interval`` seconds by a thread while the steps run (activations live for a whole
-    forward/backward pass, far longer than that); the kernel's high-water mark of the whole
-    resident set (VmHWM, reset after set-up) is reported beside it.
+
+def _mallopt(param: int, value: int) -> bool:
+    try:
+        import ctypes  # noqa: PLC0415
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
+    except (OSError, AttributeError):
+        return False
+
+
+class Memory:
+    """Peak memory of this process above a baseline, over the first ``WINDOW_STEPS`` steps.
+
+    On CUDA: ``max_memory_allocated``. On a CPU there is no allocator counter, and the
+    resident set is a poor one by default: glibc keeps freed blocks below its (growing)
+    mmap threshold for reuse, so it measures the allocator's high-water mark, which depends on
+    the order of allocations more than on what is live (the whole model's training step held
+    805 MiB of resident memory where its tensors peak at about 540). So during the memory
+    window glibc is told to give every block of 128 KiB or more its own mapping, returned at
+    once when freed (``mallopt(M_MMAP_THRESHOLD)``), and the *anonymous* resident memory
+    (resident minus file-backed pages: not the pages of torch's libraries that each kernel's
+    first use maps in) is sampled every millisecond: it then follows the live tensors. That
+    mode makes steps up to twice as slow, so the window is the first warm-up steps only
+    (two, so that the optimiser's state is live), after which large blocks go back to the
+    heap (a fixed 32 MiB threshold, as glibc's own adaptive one would settle) and the timed
+    steps run at full speed. The kernel's high-water mark of the whole resident set over the
+    window (VmHWM, reset at its start) is reported beside it.
     """
 
-    def __init__(self, device: torch.device, interval: float = 0.002):
+    WINDOW_STEPS = 2
+
+    def __init__(self, device: torch.device, interval: float = 0.001):
         self.device, self.interval = device, interval
         self.can_reset = False
+        self.exact_mmap = False
         self.baseline = self.baseline_rss = 0
         self.peak_anon = 0
+        self.result: dict | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -111,6 +134,8 @@ class Memory:
     def mark_baseline(self) -> None:
         """Just before the model is built (after a throw-away update has loaded what the first one loads)."""
         _load_lazy_modules()
+        if self.device.type != "cuda":
+            self.exact_mmap = _mallopt(M_MMAP_THRESHOLD, 128 * 1024)
         gc.collect()
         if self.device.type == "cuda":
             self.baseline = torch.cuda.memory_allocated(self.device)
@@ -140,22 +165,40 @@ class Memory:
             if now is not None and now > self.peak_anon:
                 self.peak_anon = now
 
-    def report(self) -> dict:
+    def step_done(self, steps: int) -> None:
+        """Call after each training step with the number done: closes the window after WINDOW_STEPS."""
+        if steps == self.WINDOW_STEPS and self.result is None:
+            self.end_window()
+
+    def end_window(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            now = _anon_bytes()
+            if now is not None:
+                self.peak_anon = max(self.peak_anon, now)
         hwm = _status_kb("VmHWM") if self.can_reset else None
         rss_peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if self.device.type == "cuda":
             peak, source = torch.cuda.max_memory_allocated(self.device), "cuda max_memory_allocated"
         elif self._thread is not None:
-            peak, source = self.peak_anon, "anonymous resident memory, sampled"
+            peak = self.peak_anon
+            source = "anonymous resident memory, sampled" + (", large blocks mmapped" if self.exact_mmap else "")
         else:
             peak, source = rss_peak, "VmHWM" if self.can_reset else "ru_maxrss"
             self.baseline = self.baseline_rss
-        return {"peak_bytes": max(peak - self.baseline, 0), "peak_abs_bytes": peak, "baseline_bytes": self.baseline,
-                "source": source, "peak_rss_bytes": max(rss_peak - self.baseline_rss, 0),
-                "peak_rss_abs_bytes": rss_peak}
+        self.result = {"peak_bytes": max(peak - self.baseline, 0), "peak_abs_bytes": peak,
+                       "baseline_bytes": self.baseline, "source": source,
+                       "peak_rss_bytes": max(rss_peak - self.baseline_rss, 0), "peak_rss_abs_bytes": rss_peak,
+                       "window_steps": self.WINDOW_STEPS}
+        if self.exact_mmap:  # back to speed: large blocks from the heap again
+            _mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+            _mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
+
+    def report(self) -> dict:
+        if self.result is None:
+            self.end_window()
+        return self.result
 
 
 # ---------------------------------------------------------------- set-up
@@ -231,6 +274,7 @@ def run_single(spec: dict, rank: int, device: torch.device, memory: Memory) -> d
         _sync(device)
         times.append(time.perf_counter() - t0)
         actives.append(active)
+        memory.step_done(i + 1)
     return {"step_seconds": times, "active": actives, "rank": rank, "stage": 0, "memory": memory.report(),
             "skipped": sum(tr.skipped for tr in trainers)}
 
@@ -311,6 +355,7 @@ def run_ddp(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict
         trainer.train_step(x, torch.zeros(len(x), device=device))
         _sync(device)
         times.append(time.perf_counter() - t0)
+        memory.step_done(i + 1)
     timed = max(spec["steps"], 1)
     return {"step_seconds": times, "rank": rank, "stage": 0, "memory": memory.report(), "skipped": trainer.skipped,
             "allreduce_bytes_per_step": hook.payload_bytes / timed, "wire_bytes_per_step": hook.wire_bytes / timed,
@@ -322,8 +367,8 @@ class TimedTrainer:
     """A stage trainer that records when each update starts and ends (perf_counter: one clock for
     every process of the machine, so the ranks' timelines line up)."""
 
-    def __init__(self, inner: PartTrainer, device: torch.device):
-        self.inner, self.device = inner, device
+    def __init__(self, inner: PartTrainer, device: torch.device, memory: Memory):
+        self.inner, self.device, self.memory = inner, device, memory
         self.intervals: list[tuple[float, float]] = []
 
     def train_step(self, h, carry):
@@ -331,6 +376,7 @@ class TimedTrainer:
         out = self.inner.train_step(h, carry)
         _sync(self.device)
         self.intervals.append((t0, time.perf_counter()))
+        self.memory.step_done(len(self.intervals))
         return out
 
     def forward(self, h, carry):
@@ -353,7 +399,7 @@ def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) 
     part.to(device)
     t = cfg.train
     lr = t.part_lrs[rank] if t.part_lrs else t.lr
-    trainer = TimedTrainer(PartTrainer(part, lr, t, c * h * w, spec["n_bins"], name=f"part {rank}"), device)
+    trainer = TimedTrainer(PartTrainer(part, lr, t, c * h * w, spec["n_bins"], name=f"part {rank}"), device, memory)
     counters = Counters()
     timeout = cfg.distributed.timeout_s
     if rank == 0:

@@ -231,7 +231,7 @@ def bench(
     set_: Optional[List[str]] = SetOpt,
     parts: Optional[int] = typer.Option(None, "--parts", "-p", min=2, help="P: parts, and ranks of the distributed runs (default: parts.count)."),
     steps: int = typer.Option(20, "--steps", min=1, help="Timed steps of every run."),
-    warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed steps before them."),
+    warmup: int = typer.Option(3, "--warmup", min=2, help="Untimed steps before them (memory is measured over the first two)."),
     batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1, help="Images per step (default: train.batch_size)."),
     threads: int = typer.Option(1, "--threads", min=1, help="Intra-op threads per device: e2e gets this many, each of the P ranks too."),
     bandwidth: Optional[List[float]] = typer.Option(None, "--bandwidth", help="Throttle every rank's link to BYTES_PER_S (pipeline sends and DDP all-reduce alike); repeat to compare several; 0: unthrottled."),

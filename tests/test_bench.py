@@ -56,7 +56,7 @@ def config(tmp_path_factory) -> Path:
 
 def test_bench_runs_everything_and_writes_json(config, tmp_path):
     out = tmp_path / "bench.json"
-    result = pipeflow("bench", "--config", config, "--steps", 3, "--warmup", 1, "--scheme", "across",
+    result = pipeflow("bench", "--config", config, "--steps", 3, "--warmup", 2, "--scheme", "across",
                       "--only", "e2e,alternate,ddp,pipeline", "--json", out, "--quiet")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr
