@@ -12,8 +12,8 @@ On the same architecture, batch and data, and one process per rank (:mod:`pipefl
 A "device" on a CPU is ``--threads`` intra-op threads (default 1): P ranks get P x threads in
 all, the e2e baseline gets threads, and the "e2e xN threads" row shows what the same P x threads
 cores do for one end-to-end process. Images/s is the batch over the median step time after
-warm-up (for the P-rank pipeline: over the median interval between the last stage's
-updates); ``alternate`` takes the median step of each part and averages them over the parts.
+warm-up (for the P-rank pipeline: over the largest of the ranks' median intervals between
+updates: it goes as fast as its slowest stage); ``alternate`` takes the median step of each part and averages them over the parts.
 
 Next to each measurement stands its prediction: the FLOP model's (:mod:`pipeflow.flops`) and,
 with ``--measure-costs``, the model built from per-step costs measured on the device
@@ -206,22 +206,32 @@ def _ddp_metrics(results: list[dict], warmup: int) -> dict:
 
 
 def _stage_metrics(results: list[dict], warmup: int, steps: int) -> dict:
-    last = results[-1]["intervals"]
-    ends = [e for _, e in last]
-    gaps = [b - a for a, b in zip(ends[warmup - 1 : warmup + steps - 1], ends[warmup : warmup + steps])]
-    step = _median(gaps)
-    ranks = []
+    """A pipeline goes as fast as its slowest stage. Each rank's step time is the median interval
+    between the ends of its consecutive timed updates; the pipeline's is the largest of them (the last
+    stage alone can look faster than the pipeline while it drains messages queued ahead of it)."""
+    t0 = min(r["intervals"][0][0] for r in results)
+    ranks, medians = [], []
     for r in results:
         iv = r["intervals"]
+        ends = [e for _, e in iv]
+        gaps = [b - a for a, b in zip(ends[warmup - 1 : warmup + steps - 1], ends[warmup : warmup + steps])]
+        medians.append(_median(gaps))
         window = iv[warmup + steps - 1][1] - iv[warmup - 1][1]
         busy = sum(e - s for s, e in iv[warmup : warmup + steps])
         messages = r["forward_messages"]
         fwd = (r["forward_bytes"] - 32) / (messages - 1) if messages > 1 else 0  # less the STOP header; INIT counts
         ranks.append({"rank": r["rank"], "stage": r["stage"], "busy_fraction": busy / window if window > 0 else None,
                       "busy_seconds_per_step": busy / steps, "idle_seconds_per_step": (window - busy) / steps,
-                      "forward_bytes_per_step": fwd, "sent_bytes_per_step": fwd, "wire_seconds": r["wire_seconds"], "params": r["params"],
+                      "step_seconds": medians[-1], "step_times": gaps,
+                      "forward_bytes_per_step": fwd, "sent_bytes_per_step": fwd, "wire_seconds": r["wire_seconds"],
+                      "params": r["params"], "in_shape": r.get("in_shape"), "out_shape": r.get("out_shape"),
+                      # every update of the rank, warm-up included: (start, end) in seconds from the first update
+                      "updates": [(round(a - t0, 6), round(b - t0, 6)) for a, b in iv],
                       **_memory(r)})
-    return {"step_seconds": step, "step_seconds_mean": statistics.fmean(gaps), "step_times": gaps, "ranks": ranks,
+    slowest = max(range(len(ranks)), key=lambda k: medians[k])
+    gaps = ranks[slowest]["step_times"]
+    return {"step_seconds": medians[slowest], "step_seconds_mean": statistics.fmean(gaps), "step_times": gaps,
+            "slowest_rank": slowest, "ranks": ranks,
             "forward_bytes_per_step": sum(x["forward_bytes_per_step"] for x in ranks),  # over every link
             "forward_bytes_per_rank_per_step": max(x["forward_bytes_per_step"] for x in ranks),
             "backward_bytes_per_step": sum(r["backward_bytes"] for r in results) / max(steps, 1),
@@ -578,7 +588,7 @@ def render(report: dict, console) -> None:
                   *([_f(r.get("measured_model_step_ratio"), "{:.3f}")] if measured else []), busy, idle, peak,
                   _bytes(r.get("forward_bytes_per_rank_per_step")), _bytes(r.get("backward_bytes_per_rank_per_step")))
     t.caption = ("ranks: processes x threads; a/b: rank 0/rank 1; speed-up: images/s over e2e's; /e2e: step time over "
-                 "e2e's (P-rank pipeline: the interval between the last stage's updates); FLOPs"
+                 "e2e's (P-rank pipeline: the slowest rank's interval between updates); FLOPs"
                  + (", costs" if measured else "") + ": that ratio as the FLOP model"
                  + (" and the measured step costs" if measured else "") + " predict it; busy: share of the time in updates; idle ms: per step; "
                  "peak: above the process's baseline; fwd, bwd B: the most any rank sends per step, forward to the next stage or, for DDP, in the gradient all-reduce")

@@ -237,6 +237,7 @@ def bench(
     bandwidth: Optional[List[float]] = typer.Option(None, "--bandwidth", help="Throttle every rank's link to BYTES_PER_S (pipeline sends and DDP all-reduce alike); repeat to compare several; 0: unthrottled."),
     scheme: Optional[str] = typer.Option(None, "--scheme", help="Split schemes of the P-rank pipeline, comma-separated: blocks, across, balanced, balanced-measured, cuts (default: configured, then blocks, across, balanced)."),
     measure_costs: bool = typer.Option(False, "--measure-costs", help="Measure every flow step's training cost on the device: adds the balanced-measured split and the measured cost model."),
+    cost_repeats: int = typer.Option(5, "--cost-repeats", min=1, help="Timed calls per flow step when measuring costs (the fastest counts)."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated subset of runs: e2e, e2e-threads, alternate, pipeline-1dev, ddp, pipeline."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure to this JSON file."),
     keep: Optional[Path] = typer.Option(None, "--keep", help="Keep the workers' specs, logs and raw results in this folder."),
@@ -256,7 +257,8 @@ def bench(
     cfg = _config(config, set_)
     opts = BenchOptions(parts=parts, steps=steps, warmup=warmup, batch=batch, threads=threads,
                         bandwidths=list(bandwidth) if bandwidth else [0.0], schemes=parse_schemes(scheme),
-                        measure_costs=measure_costs, modes=parse_modes(only), timeout_s=timeout, keep=keep)
+                        measure_costs=measure_costs, cost_repeats=cost_repeats, modes=parse_modes(only), timeout_s=timeout,
+                        keep=keep)
     command = "pipeflow " + shlex.join(sys.argv[1:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
     report = run_bench(cfg, opts, log=None if quiet else log, command=command)
     render(report, Console(width=max(Console().width, 160)))

@@ -174,6 +174,22 @@ def test_stage_metrics_from_intervals():
     r1 = rank(1, [(i + 0.3, i + 0.8) for i in range(4)])
     m = _stage_metrics([r0, r1], warmup=1, steps=3)
     assert m["step_seconds"] == pytest.approx(1.0)
+    assert m["ranks"][1]["updates"][0] == pytest.approx((0.3, 0.8))
     assert [x["busy_fraction"] for x in m["ranks"]] == pytest.approx([0.25, 0.5])
     assert [x["idle_seconds_per_step"] for x in m["ranks"]] == pytest.approx([0.75, 0.5])
     assert m["ranks"][0]["forward_bytes_per_step"] == 100
+
+
+def test_pipeline_goes_as_fast_as_its_slowest_stage():
+    from pipeflow.bench import _stage_metrics
+
+    def rank(r, intervals):
+        return {"rank": r, "stage": r, "intervals": intervals, "forward_messages": 1, "forward_bytes": 0,
+                "backward_bytes": 0, "wire_seconds": 0.0, "params": 1, "skipped": 0,
+                "memory": {"peak_bytes": 1, "peak_abs_bytes": 2, "source": "test"}}
+
+    # stage 0 takes 2 s a step; the last stage drains two queued messages fast, then waits on stage 0
+    r0 = rank(0, [(2 * i, 2 * i + 2) for i in range(5)])
+    r1 = rank(1, [(2.1, 2.5), (2.5, 2.9), (2.9, 3.3), (6.1, 6.5), (8.1, 8.5)])
+    m = _stage_metrics([r0, r1], warmup=1, steps=3)
+    assert m["step_seconds"] == pytest.approx(2.0) and m["slowest_rank"] == 0
