@@ -13,7 +13,8 @@ A "device" on a CPU is ``--threads`` intra-op threads (default 1): P ranks get P
 all, the e2e baseline gets threads, and the "e2e xN threads" row shows what the same P x threads
 cores do for one end-to-end process. Images/s is the batch over the median step time after
 warm-up (for the P-rank pipeline: over the largest of the ranks' median intervals between
-updates: it goes as fast as its slowest stage); ``alternate`` takes the median step of each part and averages them over the parts.
+updates: it goes as fast as its slowest stage); ``alternate`` takes the median step of each
+part and averages them over the parts.
 
 Next to each measurement stands its prediction: the FLOP model's (:mod:`pipeflow.flops`) and,
 with ``--measure-costs``, the model built from per-step costs measured on the device
@@ -283,7 +284,8 @@ def bench(cfg: Config, opts: BenchOptions, log: Log | None = None, command: str 
     model = build_model(cfg, shape)
     flops = step_flops(model)
 
-    schemes = opts.schemes or [cfg.parts.scheme] + [s for s in ("blocks", "across", "balanced") if s != cfg.parts.scheme]
+    others = [s for s in ("blocks", "across", "balanced") if s != cfg.parts.scheme]
+    schemes = opts.schemes or [cfg.parts.scheme, *others]
     if opts.measure_costs and "balanced-measured" not in schemes:
         schemes.append("balanced-measured")
     measure = "balanced-measured" in schemes
@@ -590,8 +592,10 @@ def render(report: dict, console) -> None:
     t.caption = ("ranks: processes x threads; a/b: rank 0/rank 1; speed-up: images/s over e2e's; /e2e: step time over "
                  "e2e's (P-rank pipeline: the slowest rank's interval between updates); FLOPs"
                  + (", costs" if measured else "") + ": that ratio as the FLOP model"
-                 + (" and the measured step costs" if measured else "") + " predict it; busy: share of the time in updates; idle ms: per step; "
-                 "peak: above the process's baseline; fwd, bwd B: the most any rank sends per step, forward to the next stage or, for DDP, in the gradient all-reduce")
+                 + (" and the measured step costs" if measured else "")
+                 + " predict it; busy: share of the time in updates; idle ms: per step; peak: above the process's "
+                 "baseline; fwd, bwd B: the most any rank sends per step, forward to the next stage or, for DDP, "
+                 "in the gradient all-reduce")
     console.print(t)
 
     if report["splits"]:
@@ -649,3 +653,70 @@ def render(report: dict, console) -> None:
 def write_json(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str))
+
+
+def to_markdown(report: dict) -> str:
+    """The report's tables as Markdown (for docs/benchmarks.md)."""
+    s = report["settings"]
+    runs = report["runs"]
+    lines = [f"{s['parts']} parts, batch {s['batch']}, {s['steps']} timed steps after {s['warmup']}, "
+             f"{s['threads_per_rank']} thread(s) per device, {report['machine']['device']}; load average "
+             f"{report['machine']['load_before']} before, {report['machine']['load_after']} after "
+             f"({report['machine']['cpu_count']} CPUs)", ""]
+    measured = any(r.get("measured_model_step_ratio") is not None for r in runs)
+    head = ["run", "ranks", "img/s", "speed-up", "step ms", "/e2e", "FLOPs", *(["costs"] if measured else []),
+            "busy", "idle ms", "peak MiB", "fwd B", "bwd B"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:80]} |")
+            continue
+        pipe = r["kind"] == "pipeline"
+        ranks = r["ranks"]
+        row = [r["name"], f"{r['ranks_count']}x{r['threads_per_rank']}", f"{r['images_per_s']:.1f}",
+               _f(r.get("speedup"), "{:.2f}x"), f"{1000 * r['step_seconds']:.0f}", _f(r.get("step_ratio"), "{:.3f}"),
+               _f(r.get("flop_model_step_ratio"), "{:.3f}"),
+               *([_f(r.get("measured_model_step_ratio"), "{:.3f}")] if measured else []),
+               "/".join(_f(x["busy_fraction"], "{:.0%}") for x in ranks) if pipe else "-",
+               "/".join(_f(x["idle_seconds_per_step"] * 1000, "{:.0f}") for x in ranks) if pipe else "-",
+               "/".join(_mib(x["peak_memory_bytes"]) for x in ranks),
+               _bytes(r.get("forward_bytes_per_rank_per_step")), _bytes(r.get("backward_bytes_per_rank_per_step"))]
+        lines.append("| " + " | ".join(row) + " |")
+    if report["splits"]:
+        lines += ["", "| scheme | cuts | FLOP share | measured share | stage busy ms/step | idle ms/step | img/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for scheme, sp in report["splits"].items():
+            run = next((r for r in runs if r.get("kind") == "pipeline" and r.get("scheme") == (sp["same_as"] or scheme)
+                        and not r.get("bandwidth") and "error" not in r), None)
+            lines.append("| " + " | ".join([
+                scheme + (f" (= {sp['same_as']})" if sp["same_as"] else ""), ",".join(map(str, sp["cuts"])),
+                "/".join(f"{p['flop_share']:.0%}" for p in sp["parts"]),
+                "/".join(_f(p["measured_share"], "{:.0%}") for p in sp["parts"]),
+                "/".join(f"{x['busy_seconds_per_step'] * 1000:.0f}" for x in run["ranks"]) if run else "-",
+                "/".join(f"{x['idle_seconds_per_step'] * 1000:.0f}" for x in run["ranks"]) if run else "-",
+                f"{run['images_per_s']:.1f}" if run else "-"]) + " |")
+    pred = report.get("predictions", {})
+    rows = []
+    if "alternate" in pred:
+        a = pred["alternate"]
+        rows.append([f"alternate ({a['scheme']}) step / e2e step", a["step_ratio"]["flop_model"],
+                     a["step_ratio"]["measured_cost_model"], a["step_ratio"]["measured"], None])
+        rows.append([f"plan ({pred['by_parts_epochs']} + {pred['finetune_epochs']} epochs) on one device / e2e",
+                     a["plan_ratio"]["flop_model"], a["plan_ratio"]["measured_cost_model"], a["plan_ratio"]["measured"],
+                     pred.get("paper_plan_ratio")])
+    if "distributed" in pred:
+        d = pred["distributed"]
+        rows.append([f"pipeline ({d['scheme']}) on P ranks, step / e2e step", d["step_ratio"]["flop_model"], None,
+                     d["step_ratio"]["measured"], None])
+        rows.append(["plan on P ranks (DDP fine-tuning) / e2e on one device",
+                     d["plan_ratio_vs_one_device"]["flop_model"], None, d["plan_ratio_vs_one_device"]["measured"],
+                     None])
+        rows.append(["plan on P ranks / DDP on P ranks", None, None, d["plan_ratio_vs_ddp"], None])
+    if rows:
+        lines += ["", "| prediction | FLOP model | cost model | measured | paper |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join([r[0], *(_f(x, "{:.3f}") for x in r[1:])]) + " |" for r in rows]
+    if report.get("targets"):
+        lines += ["", "| target | run | value | threshold | met |", "|---|---|---|---|---|"]
+        lines += [f"| {x['target']} | {x['run']} | {_f(x['value'], '{:.3f}')} | {x['threshold']:.3f} | "
+                  f"{'yes' if x['met'] else '**no**'} |" for x in report["targets"]]
+    return "\n".join(lines) + "\n"

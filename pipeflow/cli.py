@@ -229,18 +229,32 @@ def compare(
 def bench(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
-    parts: Optional[int] = typer.Option(None, "--parts", "-p", min=2, help="P: parts, and ranks of the distributed runs (default: parts.count)."),
+    parts: Optional[int] = typer.Option(None, "--parts", "-p", min=2,
+                                        help="P: parts, and ranks of the distributed runs (default: parts.count)."),
     steps: int = typer.Option(20, "--steps", min=1, help="Timed steps of every run."),
-    warmup: int = typer.Option(3, "--warmup", min=2, help="Untimed steps before them (memory is measured over the first two)."),
-    batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1, help="Images per step (default: train.batch_size)."),
-    threads: int = typer.Option(1, "--threads", min=1, help="Intra-op threads per device: e2e gets this many, each of the P ranks too."),
-    bandwidth: Optional[List[float]] = typer.Option(None, "--bandwidth", help="Throttle every rank's link to BYTES_PER_S (pipeline sends and DDP all-reduce alike); repeat to compare several; 0: unthrottled."),
-    scheme: Optional[str] = typer.Option(None, "--scheme", help="Split schemes of the P-rank pipeline, comma-separated: blocks, across, balanced, balanced-measured, cuts (default: configured, then blocks, across, balanced)."),
-    measure_costs: bool = typer.Option(False, "--measure-costs", help="Measure every flow step's training cost on the device: adds the balanced-measured split and the measured cost model."),
-    cost_repeats: int = typer.Option(5, "--cost-repeats", min=1, help="Timed calls per flow step when measuring costs (the fastest counts)."),
-    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated subset of runs: e2e, e2e-threads, alternate, pipeline-1dev, ddp, pipeline."),
+    warmup: int = typer.Option(3, "--warmup", min=2, help="Untimed steps before them (memory: over the first two)."),
+    batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1,
+                                        help="Images per step (default: train.batch_size)."),
+    threads: int = typer.Option(1, "--threads", min=1,
+                                help="Intra-op threads per device: e2e gets this many, each of the P ranks too."),
+    bandwidth: Optional[List[float]] = typer.Option(
+        None, "--bandwidth", help="Throttle every rank's link to BYTES_PER_S (pipeline sends and DDP all-reduce "
+        "alike); repeat to compare several; 0: unthrottled."),
+    scheme: Optional[str] = typer.Option(
+        None, "--scheme", help="Split schemes of the P-rank pipeline, comma-separated: blocks, across, balanced, "
+        "balanced-measured, cuts (default: configured, then blocks, across, balanced)."),
+    measure_costs: bool = typer.Option(
+        False, "--measure-costs", help="Measure every flow step's training cost on the device: adds the "
+        "balanced-measured split and the measured cost model."),
+    cost_repeats: int = typer.Option(5, "--cost-repeats", min=1,
+                                     help="Timed calls per flow step when measuring costs (the fastest counts)."),
+    only: Optional[str] = typer.Option(
+        None, "--only", help="Comma-separated subset of runs: e2e, e2e-threads, alternate, pipeline-1dev, ddp, "
+        "pipeline."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure to this JSON file."),
-    keep: Optional[Path] = typer.Option(None, "--keep", help="Keep the workers' specs, logs and raw results in this folder."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the tables as Markdown."),
+    keep: Optional[Path] = typer.Option(None, "--keep",
+                                        help="Keep the workers' specs, logs and raw results in this folder."),
     timeout: float = typer.Option(1800.0, "--timeout", min=1.0, help="Seconds allowed to each run."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ):
@@ -248,8 +262,9 @@ def bench(
     import shlex  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from pipeflow.bench import BenchOptions, parse_modes, parse_schemes, render, write_json  # noqa: PLC0415
+    from pipeflow.bench import BenchOptions, parse_modes, parse_schemes, render, to_markdown  # noqa: PLC0415
     from pipeflow.bench import bench as run_bench  # noqa: PLC0415
+    from pipeflow.bench import write_json  # noqa: PLC0415
 
     def log(message: str) -> None:
         console.print(f"{time.strftime('%H:%M:%S')} {message}", markup=False, highlight=False)
@@ -257,14 +272,18 @@ def bench(
     cfg = _config(config, set_)
     opts = BenchOptions(parts=parts, steps=steps, warmup=warmup, batch=batch, threads=threads,
                         bandwidths=list(bandwidth) if bandwidth else [0.0], schemes=parse_schemes(scheme),
-                        measure_costs=measure_costs, cost_repeats=cost_repeats, modes=parse_modes(only), timeout_s=timeout,
-                        keep=keep)
+                        measure_costs=measure_costs, cost_repeats=cost_repeats, modes=parse_modes(only),
+                        timeout_s=timeout, keep=keep)
     command = "pipeflow " + shlex.join(sys.argv[1:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
     report = run_bench(cfg, opts, log=None if quiet else log, command=command)
     render(report, Console(width=max(Console().width, 160)))
     if json_out:
         write_json(report, json_out)
         print(f"wrote {json_out}")
+    if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(to_markdown(report))
+        print(f"wrote {markdown}")
 
 
 def main() -> None:

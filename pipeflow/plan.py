@@ -64,7 +64,8 @@ def predicted_ratios(cfg: Config, model: Glow, parts: list[Part]) -> dict[str, f
     return {"alternate_step": step, "plan": paper_plan_ratio(step, t.by_parts_epochs, t.finetune_epochs)}
 
 
-def measured_alternate_ratio(train_costs: Sequence[float], forward_costs: Sequence[float], cuts: Sequence[int]) -> float:
+def measured_alternate_ratio(train_costs: Sequence[float], forward_costs: Sequence[float],
+                             cuts: Sequence[int]) -> float:
     """The alternate step's cost relative to end-to-end, from measured per-step costs.
 
     Like :func:`pipeflow.flops.alternate_cost_ratio`, but with each part's measured training
