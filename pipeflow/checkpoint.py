@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -72,8 +73,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def json_safe(obj: Any) -> Any:
+    """Non-finite numbers (a diverged evaluation gives inf) as null, so that files stay strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def save_model(path: str | Path, model: torch.nn.Module, cfg: Config, n_bins: int, extra: dict | None = None) -> None:
@@ -92,7 +105,14 @@ def read_checkpoint(path: str | Path, expected_format: str) -> dict:
     except Exception as exc:  # truncated, not a zip, unpickling refused: all mean a bad file
         raise UserError(f"checkpoint {path} is corrupt or not a pipeflow file ({type(exc).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != expected_format:
-        raise UserError(f"checkpoint {path} is not a {expected_format} file")
+        found = blob.get("format") if isinstance(blob, dict) else None
+        hint = ""
+        if found == CHECKPOINT_FORMAT and expected_format == MODEL_FORMAT:
+            hint = ("; it is a training checkpoint of one rank: use the run directory's model.pt, "
+                    "or continue the run with --resume auto")
+        elif found == MODEL_FORMAT and expected_format == CHECKPOINT_FORMAT:
+            hint = "; it is a finished model (model.pt), not a training checkpoint"
+        raise UserError(f"checkpoint {path} is not a {expected_format} file{hint}")
     return blob
 
 

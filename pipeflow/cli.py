@@ -149,7 +149,8 @@ def eval_(checkpoint: Path = typer.Option(..., "--checkpoint", help="A model.pt 
     if tuple(data.shape) != tuple(model.input_shape):
         raise UserError(f"the data's images {data.shape} do not fit the model's input {model.input_shape}")
     if n_bins(data, cfg.data.n_bits) != bins:
-        raise UserError(f"the data has {n_bins(data, cfg.data.n_bits)} levels per pixel, the model was trained on {bins}")
+        raise UserError(f"the data has {n_bins(data, cfg.data.n_bits)} levels per pixel, "
+                        f"the model was trained on {bins}")
     model.to(device)
     c, h, w = model.input_shape
     trainer = PartTrainer(whole_model_part(model), 1.0, cfg.train, c * h * w, bins)
@@ -187,9 +188,11 @@ def compare(
     set_: Optional[List[str]] = SetOpt,
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o",
                              help="Directory for report.md, compare.json, plots/, samples/."),
-    runs: Optional[str] = typer.Option(None, "--runs", help="Comma-separated runs: e2e and <schedule><parts>, e.g. "
-                                       "e2e,alternate2,pipeline3 (default: e2e, alternate2/3, pipeline2/3, sequential2)."),
-    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where the runs themselves go (default: --out/<run>)."),
+    runs: Optional[str] = typer.Option(None, "--runs", help="Comma-separated runs: e2e and <schedule><parts>, "
+                                       "e.g. e2e,alternate2,pipeline3 "
+                                       "(default: e2e, alternate2/3, pipeline2/3, sequential2)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir",
+                                            help="Where the runs themselves go (default: --out/<run>)."),
     force: bool = typer.Option(False, "--force", help="Train every run again instead of reusing finished ones."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ):
@@ -215,7 +218,8 @@ def compare(
             continue
         fmt = lambda x, f: "-" if x is None else f.format(x)  # noqa: E731
         table.add_row(name, fmt(e.get("by_parts_test_bpd"), "{:.4f}"), f"{e['test_bpd']:.4f}",
-                      fmt(e.get("bpd_diff"), "{:+.4f}"), f"{e['train_seconds']:.1f}", fmt(e.get("time_ratio"), "{:.3f}"),
+                      fmt(e.get("bpd_diff"), "{:+.4f}"), f"{e['train_seconds']:.1f}",
+                      fmt(e.get("time_ratio"), "{:.3f}"),
                       {True: "held", False: "no", None: "-"}[e.get("claim_held")])
     held = results["claim"].get("held")
     table.caption = (f"claim: {results['claim']['text']} -- "

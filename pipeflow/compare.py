@@ -23,7 +23,6 @@ and the load average before and after each run are recorded beside it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import re
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pipeflow.checkpoint import atomic_write_bytes, atomic_write_json
+from pipeflow.checkpoint import atomic_write_bytes, atomic_write_json, json_safe
 from pipeflow.config import Config, to_toml, with_overrides
 from pipeflow.errors import UserError
 from pipeflow.part_trainer import TrainingDiverged
@@ -212,7 +211,7 @@ def _train_one(name: str, run_cfg: Config, run_dir: Path, force: bool, log: Log)
         if summary is not None:
             extra_path = run_dir / EXTRA_FILE
             extra = json.loads(extra_path.read_text()) if extra_path.is_file() else {}
-            log(f"{name}: reusing the finished run in {run_dir} (test {summary['test_bpd']:.4f} bits/dim)")
+            log(f"{name}: reusing the finished run in {run_dir} (test {_f(summary['test_bpd'])} bits/dim)")
             return summary, extra, True
     clock = _CpuClock()
 
@@ -275,10 +274,17 @@ def compare(cfg: Config, out: str | Path, runs: str | Sequence[str] | None = Non
             entry.update({"error": str(exc), "test_bpd": None})
             results["runs"][name] = entry
             continue
+        summary = json_safe(summary)  # a fresh run's non-finite figures as null, like a reused run's
+        if summary["test_bpd"] is None:
+            log(f"{name}: FAILED: its final test bits/dim is not finite")
+            entry.update({"error": "the final test bits/dim is not finite", "test_bpd": None})
+            results["runs"][name] = entry
+            continue
         phases = summary["phases"]
         cpu_history = extra.get("cpu_history") or []
         for i, record in enumerate(summary["history"]):
             record["cpu_seconds"] = cpu_history[i] if i < len(cpu_history) else None
+        summary["history"] = [r for r in summary["history"] if r["test_bpd"] is not None]  # plots need numbers
         entry.update({
             "test_bpd": summary["test_bpd"],
             "by_parts_test_bpd": phases.get("by_parts", {}).get("test_bpd"),
@@ -394,7 +400,7 @@ def _plots(results: dict, out: Path, log: Log) -> list[str]:
     (out / "plots").mkdir(parents=True, exist_ok=True)
     base = results["runs"].get(BASELINE, {})
     finals = [e["test_bpd"] for e in runs]
-    values = [r["test_bpd"] for e in runs for r in e["history"] if math.isfinite(r["test_bpd"])]
+    values = [r["test_bpd"] for e in runs for r in e["history"]]
     firsts = sorted(e["history"][0]["test_bpd"] for e in runs)
     low = min(values)
     high = min(max(values), max(max(finals) + 0.05, firsts[len(firsts) // 2]))
@@ -452,20 +458,9 @@ def _plots(results: dict, out: Path, log: Log) -> list[str]:
 def _write(out: Path, results: dict, started: float, final: bool = False) -> None:
     results["elapsed_seconds"] = time.time() - started
     results["complete"] = final
-    text = json.dumps(_json_safe(results), indent=2, allow_nan=False)  # strict JSON, in run order
+    text = json.dumps(json_safe(results), indent=2, allow_nan=False)  # strict JSON, in run order
     atomic_write_bytes(out / "compare.json", (text + "\n").encode())
     atomic_write_bytes(out / "report.md", render_report(results).encode())
-
-
-def _json_safe(obj):
-    """Non-finite numbers (a diverged evaluation gives inf) as null: compare.json stays strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _f(x, fmt="{:.4f}", none="-") -> str:

@@ -129,7 +129,8 @@ def dataset_shape(cfg: DataConfig) -> tuple[int, int, int]:
     try:
         with zipfile.ZipFile(path) as archive, archive.open("x_test.npy") as f:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
             shape, _, _ = read_header(f)
     except (KeyError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise UserError(f"data file {path} is not a readable .npz file with x_test ({type(exc).__name__})") from None
@@ -178,7 +179,8 @@ class Batches:
         """
         order_gen = torch.Generator().manual_seed(self.seed * 1_000_033 + epoch)
         noise_gen = torch.Generator().manual_seed(self.seed * 1_000_037 + epoch + 7)
-        order = torch.randperm(len(self.images), generator=order_gen) if self.shuffle else torch.arange(len(self.images))
+        n = len(self.images)
+        order = torch.randperm(n, generator=order_gen) if self.shuffle else torch.arange(n)
         if not 0 <= start <= len(self):
             raise ValueError(f"cannot start epoch {epoch} at batch {start} of {len(self)}")
         for b in range(len(self)):
@@ -195,4 +197,5 @@ def train_batches(data: ImageData, cfg_data: DataConfig, batch_size: int, seed: 
 
 def test_batches(data: ImageData, cfg_data: DataConfig, batch_size: int) -> Batches:
     """The test set in order, with fixed dequantisation noise so test bpd is comparable across runs."""
-    return Batches(data.x_test, data.levels, cfg_data.n_bits, batch_size, TEST_NOISE_SEED, shuffle=False, drop_last=False)
+    return Batches(data.x_test, data.levels, cfg_data.n_bits, batch_size, TEST_NOISE_SEED,
+                   shuffle=False, drop_last=False)

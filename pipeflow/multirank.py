@@ -496,15 +496,20 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
         "comm": {"forward_bytes": forward, "backward_bytes": backward,
                  "stage_allreduce_bytes": sum(r["allreduce_bytes"] for r in reports) if reports else 0,
                  "gather_bytes": gather_bytes, "finetune_allreduce_bytes": finetune_bytes},
-        "ranks": [{"rank": r["report"]["rank"], "stage": r["report"]["stage"], "replica": r["report"]["replica"],
-                   "steps": r["report"]["steps"], "images": r["report"]["images"], "seconds": r["report"]["seconds"],
-                   "busy_fraction": r["busy_fraction"],
-                   "images_per_s": r["report"]["images"] / max(r["report"]["seconds"], 1e-9)} for r in reports] if reports else [],
+        "ranks": [_rank_summary(r) for r in reports or []],
         "history": progress.history,
         "resumed_from_step": plan[1] if plan else None,
     }
     log.summary(summary)
     return summary
+
+
+def _rank_summary(r: dict) -> dict:
+    """One rank's line in summary.json, from what it reported after the by-parts phase."""
+    rep = r["report"]
+    return {"rank": rep["rank"], "stage": rep["stage"], "replica": rep["replica"], "steps": rep["steps"],
+            "images": rep["images"], "seconds": rep["seconds"], "busy_fraction": r["busy_fraction"],
+            "images_per_s": rep["images"] / max(rep["seconds"], 1e-9)}
 
 
 def _rebucket(trainer: PartTrainer, run: Run, shard, device: torch.device) -> None:

@@ -61,7 +61,8 @@ class PartLikelihood(nn.Module):
         return h_out, logdet + logp_factored, self.part.prior.log_prob(h_out)
 
 
-def part_objective(likelihood: nn.Module, h_in: torch.Tensor, carry: torch.Tensor, num_dims: int, n_bins: int) -> PartOutput:
+def part_objective(likelihood: nn.Module, h_in: torch.Tensor, carry: torch.Tensor, num_dims: int,
+                   n_bins: int) -> PartOutput:
     """Run one part (a :class:`PartLikelihood`, maybe wrapped) on a detached input; compute its truncated objective."""
     h, own_terms, log_prior = likelihood(h_in.detach())
     loss = -(own_terms + log_prior).mean() / (num_dims * LN2)

@@ -28,12 +28,13 @@ def check_invertible(module: nn.Module, where: str = "") -> None:
     for name, m in module.named_modules():
         if isinstance(m, (InvConv1x1, InvConv1x1LU)):
             try:
-                m.check_invertible(name)
+                m.check_invertible(m.name or name)
             except SingularWeightError as exc:
                 raise SingularWeightError(f"{prefix}{exc}") from None
         elif isinstance(m, ActNorm):
             if not torch.isfinite(m.log_scale.detach()).all() or not torch.isfinite(m.bias.detach()).all():
-                raise SingularWeightError(f"{prefix}ActNorm {name} has a non-finite scale or bias (not invertible)")
+                raise SingularWeightError(f"{prefix}ActNorm {m.name or name} has a non-finite scale or bias "
+                                          "(not invertible)")
 
 
 def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
@@ -85,7 +86,8 @@ class PartTrainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         else:
             grad_norm = torch.zeros((), device=out.loss.device)
-        loss_value, finite = torch.stack([out.loss.detach(), torch.isfinite(out.loss) & torch.isfinite(grad_norm)]).tolist()
+        finite = torch.isfinite(out.loss) & torch.isfinite(grad_norm)
+        loss_value, finite = torch.stack([out.loss.detach(), finite]).tolist()
         finite = bool(finite)
         if self.agree is not None:
             finite = self.agree(finite)

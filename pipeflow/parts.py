@@ -45,10 +45,12 @@ class Part(nn.Module):
         return h, logdet, logp_factored
 
     def extra_repr(self) -> str:
-        return f"index={self.index}, steps={self.steps.start}..{self.steps.stop - 1}, {self.in_shape} -> {self.out_shape}"
+        steps = f"{self.steps.start}..{self.steps.stop - 1}"
+        return f"index={self.index}, steps={steps}, {self.in_shape} -> {self.out_shape}"
 
 
-def cut_points(model: Glow, scheme: str, parts: int, cuts: Sequence[int] = (), step_costs: Sequence[float] = ()) -> list[int]:
+def cut_points(model: Glow, scheme: str, parts: int, cuts: Sequence[int] = (),
+               step_costs: Sequence[float] = ()) -> list[int]:
     """Numbers of flow steps before each of the ``parts - 1`` cuts."""
     n, K, L = model.num_steps, model.steps, model.levels
     if parts < 1:

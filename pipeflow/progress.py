@@ -30,7 +30,8 @@ class TrainingDisplay:
     def on_step(self, record: dict) -> None:
         if self.task is None:
             self.task = self.progress.add_task("train", total=None, info="")
-        info = f"{record['phase']} part {record['part']} loss {record['loss']:.3f} prefix {record['prefix_bpd']:.3f} bpd"
+        info = (f"{record['phase']} part {record['part']} loss {record['loss']:.3f} "
+                f"prefix {record['prefix_bpd']:.3f} bpd")
         self.progress.update(self.task, advance=1 if record["part"] == 0 or record["phase"] != "by_parts" else 0,
                              description=f"epoch {record['epoch'] + 1}", info=info + self.last_eval)
 

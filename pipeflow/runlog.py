@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pipeflow.checkpoint import atomic_write_bytes, atomic_write_json, config_difference
+from pipeflow.checkpoint import atomic_write_bytes, atomic_write_json, config_difference, json_safe
 from pipeflow.config import Config, to_toml
 from pipeflow.errors import UserError
 
@@ -102,7 +102,7 @@ class RunLog:
         return self._metrics.tell()
 
     def log(self, record: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # strict JSON lines
         self._metrics.flush()
 
     def summary(self, summary: dict[str, Any]) -> None:

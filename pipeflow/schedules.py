@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 
-def active_parts(schedule: str, parts: int, epoch: int, global_step: int, epochs: int, alternate_every: int) -> list[int]:
+def active_parts(schedule: str, parts: int, epoch: int, global_step: int, epochs: int,
+                 alternate_every: int) -> list[int]:
     if schedule in ("pipeline", "e2e"):
         return list(range(parts))
     if schedule == "alternate":

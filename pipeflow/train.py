@@ -55,7 +55,8 @@ class Progress:
 Callback = Callable[[dict], None]
 
 
-def train_step(trainers: Sequence[PartTrainer], active: Sequence[int], x: torch.Tensor) -> list[tuple[int, float, float]]:
+def train_step(trainers: Sequence[PartTrainer], active: Sequence[int],
+               x: torch.Tensor) -> list[tuple[int, float, float]]:
     """One step of any schedule. Returns ``(part, loss, mean prefix bits/dim)`` for each trained part."""
     h = x
     carry = torch.zeros(len(x), device=x.device)
@@ -79,8 +80,10 @@ def make_phases(run: Run, device: torch.device) -> list[Phase]:
 
     if t.schedule == "e2e":
         return [Phase("e2e", t.by_parts_epochs + t.finetune_epochs, "e2e", [trainer(run.parts[0], t.lr)])]
-    by_parts = Phase("by_parts", t.by_parts_epochs, t.schedule, [trainer(p, run.part_lr(k)) for k, p in enumerate(run.parts)])
-    finetune = Phase("finetune", t.finetune_epochs, "e2e", [trainer(whole_model_part(run.model), t.finetune_lr or t.lr)])
+    by_parts = Phase("by_parts", t.by_parts_epochs, t.schedule,
+                     [trainer(p, run.part_lr(k)) for k, p in enumerate(run.parts)])
+    finetune = Phase("finetune", t.finetune_epochs, "e2e",
+                     [trainer(whole_model_part(run.model), t.finetune_lr or t.lr)])
     return [by_parts, finetune]
 
 
@@ -150,7 +153,8 @@ def run_phase(phase: Phase, run: Run, device: torch.device, log: RunLog | None, 
             log.log({**record, "wall": time.time()})
             if t.samples:
                 gen = torch.Generator().manual_seed(t.seed)
-                log.samples(run.model.sample(t.samples, t.temperature, gen), f"{phase.name}_epoch{progress.epochs_done:03d}")
+                grid = run.model.sample(t.samples, t.temperature, gen)
+                log.samples(grid, f"{phase.name}_epoch{progress.epochs_done:03d}")
         if on_epoch:
             on_epoch(record)
         if checkpoint:

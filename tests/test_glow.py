@@ -103,7 +103,8 @@ def test_sample_inverts_to_the_drawn_latents():
 def test_layer_layout_and_shapes():
     model = Glow(1, 8, levels=3, steps=2, hidden=4)
     kinds = [type(layer) for layer in model.layers]
-    assert kinds == [Squeeze, FlowStep, FlowStep, Split, Squeeze, FlowStep, FlowStep, Split, Squeeze, FlowStep, FlowStep]
+    level = [Squeeze, FlowStep, FlowStep]
+    assert kinds == level + [Split] + level + [Split] + level
     assert model.layer_shapes[0] == ((1, 8, 8), (4, 4, 4))
     assert model.layer_shapes[3] == ((4, 4, 4), (2, 4, 4))
     assert model.latent_shape == (16, 1, 1)  # 1x8x8 -> 4x4x4 -> 2x4x4 -> 8x2x2 -> 4x2x2 -> 16x1x1

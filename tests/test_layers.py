@@ -229,5 +229,7 @@ def test_check_invertible_names_the_singular_layer(lu):
             target.weight.zero_()
     with pytest.raises(SingularWeightError, match=r"layers\.5\.invconv"):
         model.check_invertible()
-    with pytest.raises(SingularWeightError):
+    with pytest.raises(SingularWeightError, match=r"^1x1 convolution layers\.5\.invconv has a singular"):
         target.inverse(torch.randn(1, target.weight().shape[0] if lu else target.weight.shape[0], 2, 2))
+    with pytest.raises(SingularWeightError, match=r"layers\.5\.invconv"):
+        model.sample(2)

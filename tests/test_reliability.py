@@ -21,14 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeflow.checkpoint import CheckpointStore, config_difference
+from pipeflow.checkpoint import CheckpointStore, atomic_write_json, config_difference
 from pipeflow.config import load_config, with_overrides
 from pipeflow.data import Batches
 from pipeflow.distributed.topology import Topology
 from pipeflow.errors import UserError
 from pipeflow.glow.invconv import SingularWeightError
 from pipeflow.multirank import check_keep, plan_resume
-from pipeflow.part_trainer import PartTrainer, TrainingDiverged
+from pipeflow.part_trainer import PartTrainer, TrainingDiverged, check_invertible
 from pipeflow.parts import whole_model_part
 from pipeflow.setup import build_run
 from pipeflow.train import train
@@ -141,6 +141,13 @@ def test_an_epoch_resumed_mid_way_yields_exactly_the_remaining_batches(shuffle):
         rest = list(batches.epoch(2, start=start))
         assert len(rest) == len(full) - start
         assert all(torch.equal(a, b) for a, b in zip(full[start:], rest))
+
+
+def test_run_files_stay_strict_json_when_a_figure_is_not_finite(tmp_path):
+    atomic_write_json(tmp_path / "summary.json", {"test_bpd": math.inf, "history": [{"loss": math.nan}, 1.5]})
+    text = (tmp_path / "summary.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text) == {"test_bpd": None, "history": [{"loss": None}, 1.5]}
 
 
 def test_checkpoint_store_is_atomic_listed_and_pruned(tmp_path):
@@ -262,6 +269,17 @@ def test_a_broken_actnorm_is_named_too(tiny_config):
         run.model.layers[1].actnorm.log_scale[0, 0] = math.inf
     with pytest.raises(SingularWeightError, match=r"ActNorm layers\.1\.actnorm has a non-finite scale"):
         trainer.train_step(x, torch.zeros(len(x)))
+
+
+def test_a_singular_layer_in_a_part_is_named_as_in_the_whole_model(tiny_config):
+    run = build_run(with_overrides(tiny_config, ["parts.scheme=cuts", "parts.cuts=[2]"]))
+    second = run.parts[1]
+    conv = run.model.layers[5].invconv
+    assert any(m is conv for m in second.modules())  # flow step 3 sits in part 1, at another index there
+    with torch.no_grad():
+        conv.log_s[0] = -math.inf
+    with pytest.raises(SingularWeightError, match=r"^part 1: 1x1 convolution layers\.5\.invconv has a singular"):
+        check_invertible(second, "part 1")
 
 
 # --- one device: checkpoints and resuming --------------------------------------------------------
@@ -441,6 +459,13 @@ def test_resume_refuses_a_corrupt_checkpoint(tmp_path, interrupted_run):
     refused(cli("train", "--config", str(write(tmp_path)), "--out", str(run), "--quiet", "--resume", "auto"),
             f"checkpoint {newest} is corrupt or not a pipeflow file (RuntimeError)")
     assert snapshot(run) == before
+
+
+def test_eval_of_a_training_checkpoint_names_the_file_to_use(interrupted_run):
+    checkpoint = interrupted_run / "checkpoints" / "rank0" / "step-000000004.pt"
+    refused(cli("eval", "--checkpoint", str(checkpoint)),
+            f"checkpoint {checkpoint} is not a pipeflow.model/1 file; it is a training checkpoint of one rank: "
+            "use the run directory's model.pt, or continue the run with --resume auto")
 
 
 def test_resume_auto_on_the_command_line_finishes_an_interrupted_run(tmp_path, interrupted_run, reference_run):

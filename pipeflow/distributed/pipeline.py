@@ -141,7 +141,8 @@ def run_stage(report: StageReport, trainer: StageTrainer, messages: Iterable[Mes
                 on_eval(record)
             eval_sum, eval_count = 0.0, 0
         if outbox is not None:
-            outbox.send(msg.kind, msg.epoch, msg.step, None if out is None else out.h, None if out is None else out.carry)
+            h, carry = (None, None) if out is None else (out.h, out.carry)
+            outbox.send(msg.kind, msg.epoch, msg.step, h, carry)
         if msg.kind == TRAIN and on_train is not None:
             c0 = time.perf_counter()
             report.seconds = before + c0 - start

@@ -97,7 +97,8 @@ class Outbox:
         payload = None
         if rows:
             if tuple(h.shape[1:]) != self.shape:
-                raise ValueError(f"rank {self.rank}: a batch of {tuple(h.shape[1:])} does not fit the plan's {self.shape}")
+                raise ValueError(f"rank {self.rank}: a batch of {tuple(h.shape[1:])} "
+                                 f"does not fit the plan's {self.shape}")
             payload = torch.cat([h.detach().reshape(-1).float(), carry.detach().reshape(-1).float()]).contiguous()
         ready = None
         if self.device.type == "cuda":  # the thread must not send before the kernels that fill it ran

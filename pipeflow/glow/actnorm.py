@@ -20,6 +20,7 @@ class ActNorm(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.eps = eps
         self.register_buffer("initialized", torch.tensor(False))
+        self.name = ""  # where it sits in a model (set by Glow), so that errors can name it
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:

@@ -30,12 +30,13 @@ class InvConv1x1(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.weight = nn.Parameter(_random_rotation(channels))
+        self.name = ""  # where it sits in a model (set by Glow), so that errors can name it
 
     def check_invertible(self, name: str = "") -> None:
         """Raise :class:`SingularWeightError` naming this layer if W is (numerically) singular."""
         sign, logabsdet = torch.linalg.slogdet(self.weight.detach().double())
         if sign == 0 or not torch.isfinite(logabsdet):
-            raise SingularWeightError(f"1x1 convolution {name or '?'} has a singular weight")
+            raise SingularWeightError(f"1x1 convolution {name or self.name or '(unnamed)'} has a singular weight")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = F.conv2d(x, self.weight[:, :, None, None])
@@ -60,6 +61,7 @@ class InvConv1x1LU(nn.Module):
         self.lower = nn.Parameter(lower)
         self.upper = nn.Parameter(torch.triu(upper, 1))
         self.log_s = nn.Parameter(torch.log(torch.abs(s)))
+        self.name = ""  # where it sits in a model (set by Glow), so that errors can name it
 
     def weight(self) -> torch.Tensor:
         eye = torch.eye(self.lower.shape[0], device=self.lower.device, dtype=self.lower.dtype)
@@ -70,7 +72,8 @@ class InvConv1x1LU(nn.Module):
     def check_invertible(self, name: str = "") -> None:
         """Raise :class:`SingularWeightError` naming this layer if a diagonal entry of U left (0, inf)."""
         if not torch.isfinite(self.log_s.detach()).all():
-            raise SingularWeightError(f"1x1 convolution {name or '?'} has a singular weight (log|s| not finite)")
+            raise SingularWeightError(f"1x1 convolution {name or self.name or '(unnamed)'} has a singular weight "
+                                      "(log|s| not finite)")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = F.conv2d(x, self.weight()[:, :, None, None])

@@ -115,6 +115,9 @@ class Glow(nn.Module):
                 shapes.append(((c, s, s), (c // 2, s, s)))
                 c = c // 2
         self.layers = nn.ModuleList(layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (ActNorm, InvConv1x1, InvConv1x1LU)):
+                module.name = name  # the model-wide name: errors found in a part or in inverse() use it
         self.layer_shapes = shapes
         self.latent_shape: Shape = (c, s, s)
         self.top_prior = LearnedGaussian(self.latent_shape)
@@ -167,9 +170,9 @@ class Glow(nn.Module):
 
     def check_invertible(self) -> None:
         """Raise :class:`SingularWeightError` naming the first 1x1 convolution that is singular."""
-        for name, module in self.named_modules():
+        for module in self.modules():
             if isinstance(module, (InvConv1x1, InvConv1x1LU)):
-                module.check_invertible(name)
+                module.check_invertible()
 
 
 def is_initialized(module: nn.Module) -> bool:
