@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from pipeflow.checkpoint import CheckpointStore, rng_state, save_model, set_rng_state
 from pipeflow.config import Config
@@ -253,6 +254,25 @@ def by_parts_phase(run: Run, ctx: RankContext, counters: Counters, on_eval=None,
     return report, trainer
 
 
+def place_own_part(model: nn.Module, parts: list[nn.Module], stage: int | None, device: torch.device) -> None:
+    """Put part ``stage`` (the whole model if None) on ``device``, leaving the other parts' layers on the host.
+
+    Parts share their layers with the model, so the model itself then spans two devices until
+    :func:`place_whole_model`: by parts, a device holds one part, not the whole flow.
+    """
+    if stage is None:
+        place_whole_model(model, parts, device)
+    else:
+        parts[stage].to(device)
+
+
+def place_whole_model(model: nn.Module, parts: list[nn.Module], device: torch.device) -> None:
+    """Put every layer and every part's prior on ``device`` (parts hold priors the model does not)."""
+    model.to(device)
+    for part in parts:
+        part.to(device)
+
+
 def gather_parts(run: Run, topo: Topology) -> int:
     """Broadcast each part from replica 0's owner of it: afterwards every rank holds the whole flow."""
     moved = 0
@@ -300,10 +320,9 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
     if done is not None:
         return {**done, "already_finished": True} if topo.rank == 0 else None
 
-    model = build_model(cfg, shape).to(device)
+    model = build_model(cfg, shape)
     parts = build_parts(cfg, model, topo.stages) if topo.stages > 1 else [whole_model_part(model)]
-    for part in parts:
-        part.to(device)
+    place_own_part(model, parts, topo.stage if topo.stages > 1 else None, device)
     run = Run(cfg, None, model, parts, 0)
     if topo.is_first:
         try:
@@ -364,6 +383,7 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
 
     if topo.stages > 1 and t.by_parts_epochs and not resumed_finetune:
         report, trainer = by_parts_phase(run, ctx, counters, on_eval, state, store, log, steps_per_epoch)
+        place_whole_model(model, parts, device)
         with guard("gathering the parts", timeout):
             reports = gather_to_rank0({"report": asdict(report), "busy_fraction": report.busy_fraction,
                                        "allreduce_bytes": report.allreduce_bytes, "counters": asdict(counters),
@@ -388,7 +408,7 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
                                           "test_bpd": last["evals"][-1]["prefix_bpd"] if last["evals"] else None}
     elif resumed_finetune and state is not None:  # (in rank0 mode the other ranks have nothing left to do)
         try:
-            model.load_state_dict(state["model"])
+            model.load_state_dict(state["model"])  # (copied onto the device below)
         except RuntimeError as exc:
             raise UserError(f"the checkpoint of step {state['step']} does not fit this run: "
                             f"{str(exc).splitlines()[0]}") from None
@@ -396,6 +416,8 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
             setattr(progress, key, value)
         reports, summary_phases, gather_bytes = state["reports"], state["summary_phases"], state["gather_bytes"]
         set_rng_state(state["rng"], device)
+
+    place_whole_model(model, parts, device)  # (a no-op unless the by-parts phase was skipped)
 
     # fine-tuning (or, with one stage, end-to-end data-parallel training from the start)
     ft_epochs = t.finetune_epochs if topo.stages > 1 else t.by_parts_epochs + t.finetune_epochs

@@ -153,3 +153,21 @@ def test_launch_without_torchrun_checks_process_count(tmp_path):
                              str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_by_parts_a_device_holds_only_its_own_part(tmp_path):
+    """The placement each rank makes before the pipeline, on the meta device (it needs no GPU)."""
+    from pipeflow.config import load_config
+    from pipeflow.multirank import place_own_part, place_whole_model
+    from pipeflow.setup import build_model, build_parts
+
+    cfg = load_config(write_config(tmp_path, parts=3))
+    model = build_model(cfg, (1, 8, 8))
+    parts = build_parts(cfg, model, 3)
+    meta = torch.device("meta")
+    place_own_part(model, parts, 1, meta)
+    on = lambda part: {t.device.type for t in [*part.parameters(), *part.buffers()]}  # noqa: E731
+    assert [on(p) for p in parts] == [{"cpu"}, {"meta"}, {"cpu"}]
+    assert on(model) == {"cpu", "meta"}  # the model shares the part's layers: they moved with it
+    place_whole_model(model, parts, meta)  # before the gather
+    assert on(model) == {"meta"} and all(on(p) == {"meta"} for p in parts)
