@@ -73,15 +73,21 @@ def _anon_bytes() -> int | None:
         return None
 
 
-def _load_lazy_modules() -> None:
-    """One tiny convolution update: the first optimiser step imports much of torch lazily (some 80 MiB
-    of Python modules), which is no part of what training holds."""
-    conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+def _load_lazy_modules(device: torch.device) -> None:
+    """One tiny convolution and matrix-product update on ``device``: the first optimiser step
+    imports much of torch lazily (some 80 MiB of Python modules), and on a GPU the first
+    product allocates cuBLAS workspaces (for this thread and autograd's) from the caching
+    allocator; neither is part of what training holds."""
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1).to(device)
+    weight = torch.nn.Parameter(torch.eye(2, device=device))
     for name in ("adam", "adamax"):
-        opt = make_optimizer(list(conv.parameters()), name, 0.0)
-        conv(torch.zeros(1, 2, 4, 4)).sum().backward()
+        opt = make_optimizer([*conv.parameters(), weight], name, 0.0)
+        y = conv(torch.zeros(1, 2, 4, 4, device=device))
+        (weight @ y[0].flatten(1)).sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -133,7 +139,7 @@ class Memory:
 
     def mark_baseline(self) -> None:
         """Just before the model is built (after a throw-away update has loaded what the first one loads)."""
-        _load_lazy_modules()
+        _load_lazy_modules(self.device)
         if self.device.type != "cuda" and os.environ.get("PIPEFLOW_BENCH_MALLOPT", "1") != "0":
             self.exact_mmap = _mallopt(M_MMAP_THRESHOLD, 128 * 1024)
         gc.collect()
@@ -316,13 +322,26 @@ def paced_allreduce_hook(state: PacedAllReduce, bucket):  # no annotation: DDP c
         state.link_free_at = max(state.link_free_at, time.perf_counter()) + wire / state.bandwidth
         due = state.link_free_at
 
-    def paced(f):
+    # The bucket is ready when both the all-reduce is done and the link could have carried it.
+    # Hold it with a timer, never a sleep: a NCCL future completes as soon as the all-reduce
+    # is queued, so its callbacks run on the autograd thread, and a sleep there would stall
+    # the backward pass instead of overlapping it.
+    paced = torch.futures.Future(devices=[tensor.device] if tensor.is_cuda else None)
+
+    def release(f):
+        try:
+            reduced = f.value()[0]
+        except Exception as exc:  # noqa: BLE001 (DDP must hear of it, not wait forever)
+            paced.set_exception(exc)
+            return
         lag = due - time.perf_counter()
         if lag > 0:
-            time.sleep(lag)
-        return f.value()[0]
+            threading.Timer(lag, paced.set_result, args=(reduced,)).start()
+        else:
+            paced.set_result(reduced)
 
-    return fut.then(paced)
+    fut.add_done_callback(release)
+    return paced
 
 
 def run_ddp(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
@@ -385,7 +404,7 @@ class TimedTrainer:
 
 def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
     from pipeflow.distributed.pipeline import StageReport, data_messages, inbox_messages, run_stage  # noqa: PLC0415
-    from pipeflow.distributed.transport import Counters, Inbox, Outbox  # noqa: PLC0415
+    from pipeflow.distributed.transport import Counters, Inbox, Outbox, open_links  # noqa: PLC0415
 
     cfg = from_dict(spec["config"])
     world = spec["world"]
@@ -402,6 +421,7 @@ def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) 
     trainer = TimedTrainer(PartTrainer(part, lr, t, c * h * w, spec["n_bins"], name=f"part {rank}"), device, memory)
     counters = Counters()
     timeout = cfg.distributed.timeout_s
+    open_links(rank, rank - 1 if rank else None, rank + 1 if rank < world - 1 else None, device, timeout)
     if rank == 0:
         messages = data_messages(1, lambda e: iter(batches[1:]), None, batches[0], device)
     else:

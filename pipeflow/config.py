@@ -58,6 +58,9 @@ class TrainConfig:
     lr: float = 1e-4
     part_lrs: list[float] = field(default_factory=list)  # one per part; empty: lr for every part
     finetune_lr: float = 0.0  # 0: lr
+    # carry: fine-tuning continues the parts' optimiser moments, with no second warm-up;
+    # fresh: a new optimiser, warmed up again from zero
+    finetune_optimizer: str = "carry"
     optimizer: str = "adam"  # adam | adamax
     warmup_steps: int = 200  # linear lr warm-up, counted per optimiser
     grad_clip: float = 50.0  # max gradient norm; 0 disables clipping
@@ -105,6 +108,7 @@ CHOICES = {
     ("parts", "boundary_prior"): ("standard", "learned"),
     ("train", "schedule"): ("e2e", "pipeline", "alternate", "sequential"),
     ("train", "optimizer"): ("adam", "adamax"),
+    ("train", "finetune_optimizer"): ("carry", "fresh"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("distributed", "backend"): ("auto", "gloo", "nccl"),
     ("distributed", "finetune"): ("ddp", "rank0"),

@@ -78,6 +78,10 @@ def choose_device(backend: str, local_rank: int) -> tuple[str, torch.device]:
             raise UserError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)  # before the process group: NCCL binds to the current device
+        # Without blocking waits a collective that times out is never an exception: NCCL's
+        # watchdog aborts the process instead. With them every wait raises after
+        # distributed.timeout_s, and the rank exits with one line naming the silent peer.
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
         return backend, device
     return backend, torch.device("cpu")
 

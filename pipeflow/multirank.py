@@ -40,11 +40,12 @@ from pipeflow.distributed.collectives import (agree, broadcast_object, broadcast
                                               gradient_averager, guard, sum_across)
 from pipeflow.distributed.pipeline import StageReport, data_messages, inbox_messages, run_stage
 from pipeflow.distributed.topology import Topology
-from pipeflow.distributed.transport import TRAIN, Counters, Inbox, Message, Outbox
+from pipeflow.distributed.transport import TRAIN, Counters, Inbox, Message, Outbox, open_links
 from pipeflow.errors import UserError
 from pipeflow.evaluate import evaluate, evaluation_sums
+from pipeflow.glow.model import is_initialized
 from pipeflow.objective import part_objective
-from pipeflow.part_trainer import PartTrainer, TrainingDiverged
+from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
 from pipeflow.parts import whole_model_part
 from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
 from pipeflow.setup import Run, build_model, build_parts
@@ -215,6 +216,8 @@ def by_parts_phase(run: Run, ctx: RankContext, counters: Counters, on_eval=None,
         if grad_hook is not None:
             grad_hook.bytes = state.get("allreduce_bytes", 0)
         start_step = state["step"]
+    open_links(topo.rank, None if topo.is_first else topo.prev_rank, None if topo.is_last else topo.next_rank,
+               device, cfg.distributed.timeout_s)
     if topo.is_first:
         batches = run.train_batches()
         tests = run.test_batches() if topo.replica == 0 else None
@@ -252,6 +255,36 @@ def by_parts_phase(run: Run, ctx: RankContext, counters: Counters, on_eval=None,
         run_stage(report, trainer, messages, outbox, t.log_every, on_eval, on_train)
     report.allreduce_bytes = grad_hook.bytes if grad_hook else 0
     return report, trainer
+
+
+def gather_optimizer_states(run: Run, topo: Topology, trainer: PartTrainer) -> tuple[dict, int]:
+    """Every part's optimiser state, broadcast from replica 0's owner of it, on every rank.
+
+    Fine-tuning carries these moments on (``train.finetune_optimizer = "carry"``), as on one
+    device. A state's tensors shaped like the parameter travel on the device; its scalars
+    (Adam's ``step``) travel as numbers. Returns the states by parameter and the bytes moved.
+    """
+    states, moved = {}, 0
+    for s, part in enumerate(run.parts):
+        params = [p for p in part.parameters() if p.requires_grad]
+        own = optimizer_states([trainer]) if topo.rank == s else {}
+        layout = broadcast_object([
+            None if p not in own else {k: (v.item(), str(v.dtype).removeprefix("torch.")) if v.dim() == 0 else None
+                                       for k, v in own[p].items()}
+            for p in params] if topo.rank == s else None, src=s)
+        for p, keys in zip(params, layout):
+            if keys is None:
+                continue
+            state = {}
+            for key, scalar in keys.items():
+                if scalar is not None:
+                    state[key] = own[p][key] if own else torch.tensor(scalar[0], dtype=getattr(torch, scalar[1]))
+                else:
+                    tensor = own[p][key] if own else torch.empty_like(p)
+                    moved += broadcast_tensors([tensor], src=s)
+                    state[key] = tensor
+            states[p] = state
+    return states, moved
 
 
 def place_own_part(model: nn.Module, parts: list[nn.Module], stage: int | None, device: torch.device) -> None:
@@ -380,6 +413,7 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
     reports = None
     gather_bytes = 0
     resumed_finetune = plan is not None and plan[0] == "finetune"
+    carried: dict = {}  # the parts' optimiser states, for fine-tuning to carry on from
 
     if topo.stages > 1 and t.by_parts_epochs and not resumed_finetune:
         report, trainer = by_parts_phase(run, ctx, counters, on_eval, state, store, log, steps_per_epoch)
@@ -389,6 +423,9 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
                                        "allreduce_bytes": report.allreduce_bytes, "counters": asdict(counters),
                                        "skipped": trainer.skipped})
             gather_bytes = gather_parts(run, topo)
+            if t.finetune_epochs and t.finetune_optimizer == "carry":
+                carried, moved = gather_optimizer_states(run, topo, trainer)
+                gather_bytes += moved
         progress.epochs_done = t.by_parts_epochs
         progress.global_step = report.steps
         if topo.rank == 0:
@@ -434,7 +471,9 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
                 _load_data(run, device)
             elif run.data is None:
                 run.data = load_dataset(cfg.data)
-            if topo.stages == 1 and not resumed_finetune:  # e2e from scratch: all initialise from the same first batch
+            if not resumed_finetune and not is_initialized(model):
+                # from scratch (e2e, or no by-parts epochs): every rank initialises its ActNorms from the
+                # whole first batch, not from its own shard, so the DDP replicas start equal
                 model.initialize(next(run.train_batches().epoch(0)).to(device))
             lr = (t.finetune_lr or t.lr) if topo.stages > 1 else t.lr
             whole = whole_model_part(model)
@@ -455,6 +494,8 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
             else:
                 trainer = PartTrainer(whole, lr, t, run.num_dims, run.n_bins, name="whole model")
                 shard, evaluate_fn = None, evaluate
+            if carried:
+                trainer.carry_on_from(carried)
             phase = Phase(ft_name, ft_epochs, "e2e", [trainer])
             start = (0, 0)
             if resumed_finetune:

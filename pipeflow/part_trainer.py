@@ -37,6 +37,12 @@ def check_invertible(module: nn.Module, where: str = "") -> None:
                                           "(not invertible)")
 
 
+def optimizer_states(trainers) -> dict[nn.Parameter, dict]:
+    """Each trained parameter's optimiser state, over ``trainers`` (for :meth:`PartTrainer.carry_on_from`)."""
+    return {p: tr.optimizer.state[p] for tr in trainers if tr.optimizer is not None
+            for p in tr.params if p in tr.optimizer.state}
+
+
 def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
     if name == "adamax":
         return torch.optim.Adamax(params, lr=lr)
@@ -62,13 +68,34 @@ class PartTrainer:
         # ``agree(finite)`` is True only if the step is finite on every one of them
         self.agree = agree
         self.steps = 0  # updates applied
+        self.warm = False  # True once it carries on from other optimisers' moments: no warm-up then
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.bad_in_a_row = 0
 
     def lr(self) -> float:
         """Linear warm-up to the base rate (early NaNs in Glow are cured by warm-up)."""
         warmup = self.cfg.warmup_steps
-        return self.base_lr * min(1.0, (self.steps + 1) / warmup) if warmup else self.base_lr
+        if self.warm or not warmup:
+            return self.base_lr
+        return self.base_lr * min(1.0, (self.steps + 1) / warmup)
+
+    def carry_on_from(self, states: dict[nn.Parameter, dict]) -> int:
+        """Start from the optimiser moments the parts' own optimisers had built up by parts.
+
+        Fine-tuning the glued flow with a fresh Adam throws those away: its first updates are
+        then sized by a one-sample second moment, and a second warm-up holds the rate down
+        for as long again. With the moments carried over, fine-tuning continues where the
+        by-parts phase left off. ``states`` maps a parameter to its optimiser state (e.g.
+        ``exp_avg``, ``exp_avg_sq``, ``step``); parameters this trainer does not train (a
+        learned boundary prior) are ignored. Returns how many parameters carried on.
+        """
+        carried = 0
+        for p in self.params:
+            if p in states:
+                self.optimizer.state[p] = {k: v.detach().clone() for k, v in states[p].items()}
+                carried += 1
+        self.warm = carried > 0
+        return carried
 
     def train_step(self, h: torch.Tensor, carry: torch.Tensor) -> tuple[PartOutput, float]:
         """One update on a detached input. Returns the output (detached) and the loss value."""
@@ -121,10 +148,11 @@ class PartTrainer:
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "steps": self.steps, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row}
+                "steps": self.steps, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row, "warm": self.warm}
 
     def load_state_dict(self, state: dict) -> None:
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])  # the rate is set anew each step from train.lr
         self.steps, self.skipped = state["steps"], state["skipped"]
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
+        self.warm = state.get("warm", False)

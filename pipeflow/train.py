@@ -25,7 +25,7 @@ from pipeflow.checkpoint import CheckpointStore, rng_state, save_model, set_rng_
 from pipeflow.config import Config
 from pipeflow.errors import UserError
 from pipeflow.evaluate import evaluate
-from pipeflow.part_trainer import PartTrainer, TrainingDiverged
+from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
 from pipeflow.parts import whole_model_part
 from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
 from pipeflow.schedules import active_parts
@@ -234,6 +234,8 @@ def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback |
             if p < position[0] or not phase.epochs:
                 continue
             start = (position[1], position[2]) if p == position[0] else (0, 0)
+            if phase.name == "finetune" and start == (0, 0) and cfg.train.finetune_optimizer == "carry":
+                phase.trainers[0].carry_on_from(optimizer_states(phases[0].trainers))
             run_phase(phase, run, device, log, progress, on_step, on_epoch, start=start,
                       checkpoint=lambda e, b, p=p: save(p, e, b), after_step=after_step)
     except TrainingDiverged as exc:

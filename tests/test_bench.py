@@ -111,6 +111,21 @@ def test_bench_runs_everything_and_writes_json(config, tmp_path):
     assert "| e2e | 1x1 |" in md and "| pipeline across x2 | 2x1 |" in md and "| target |" in md
 
 
+def test_bench_bandwidth_throttles_both_ddp_and_the_pipeline(config, tmp_path):
+    """A step cannot be shorter than what the throttled link must carry in it: the pacing works."""
+    bandwidth = 40_000.0  # bytes/s per rank
+    out = tmp_path / "bench.json"
+    result = pipeflow("bench", "--config", config, "--steps", 3, "--warmup", 2, "--scheme", "across",
+                      "--only", "ddp,pipeline", "--bandwidth", bandwidth, "--json", out, "--quiet")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = {r["name"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"ddp x2 @40 kB/s", "pipeline across x2 @40 kB/s"}, runs.keys()
+    ddp, pipe = runs["ddp x2 @40 kB/s"], runs["pipeline across x2 @40 kB/s"]
+    assert ddp["bandwidth"] == pipe["bandwidth"] == bandwidth
+    assert ddp["step_seconds"] >= 0.9 * ddp["backward_bytes_per_rank_per_step"] / bandwidth
+    assert pipe["step_seconds"] >= 0.8 * pipe["forward_bytes_per_rank_per_step"] / bandwidth
+
+
 @pytest.mark.parametrize("args, message", [
     (("--parts", "1"), "--parts"),
     (("--scheme", "sideways"), "unknown --scheme"),

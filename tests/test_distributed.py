@@ -113,12 +113,33 @@ def test_finetune_ddp_improves_and_model_loads_alone(tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["test_bpd"] == pytest.approx(summary["test_bpd"], abs=1e-5)
 
 
-def test_finetune_on_rank0_alone_matches_ddp(tmp_path):
+def test_finetune_on_rank0_equals_one_device_and_ddp_is_close(tmp_path):
     config = write_config(tmp_path, parts=2, finetune=2)
     ok(torchrun(2, config, tmp_path / "ddp"))
     ok(torchrun(2, config, tmp_path / "rank0", "--set", "distributed.finetune=rank0"))
-    # the same full-batch gradient, summed in another order
+    single_device(config, tmp_path / "single")
+    # by parts on 2 ranks, then the parts and their optimiser states gathered and fine-tuned
+    # on rank 0: the very run `pipeflow train` makes on one device
+    assert max_difference(state(tmp_path / "rank0"), state(tmp_path / "single")) <= 1e-6
+    # DDP: the same full-batch gradient, summed in another order
     assert max_difference(state(tmp_path / "ddp"), state(tmp_path / "rank0")) < 1e-3
+    # carrying the optimiser states on is what makes them equal: a fresh optimiser differs
+    ok(torchrun(2, config, tmp_path / "fresh", "--set", "distributed.finetune=rank0",
+                "--set", "train.finetune_optimizer=fresh"))
+    assert max_difference(state(tmp_path / "fresh"), state(tmp_path / "single")) > 1e-3
+    gathered = {run: json.loads((tmp_path / run / "summary.json").read_text())["comm"]["gather_bytes"]
+                for run in ("rank0", "fresh")}
+    assert gathered["rank0"] > 2 * gathered["fresh"]  # parameters, then Adam's two moments of each
+
+
+def test_finetune_alone_initialises_every_replica_from_the_whole_first_batch(tmp_path):
+    """No by-parts epochs: DDP starts from ActNorms initialised on the whole first batch on every
+    rank (not each on its own shard), so it ends where one device does."""
+    config = write_config(tmp_path, parts=2, finetune=1)
+    config.write_text(config.read_text().replace("by_parts_epochs = 2", "by_parts_epochs = 0"))
+    ok(torchrun(2, config, tmp_path / "ddp"))
+    single_device(config, tmp_path / "single")
+    assert max_difference(state(tmp_path / "ddp"), state(tmp_path / "single")) < 1e-3
 
 
 def test_two_replicas_of_a_two_stage_pipeline(tmp_path):

@@ -190,6 +190,17 @@ def test_actnorm_initialized_flag_travels_in_state_dict():
     torch.testing.assert_close(fresh.log_scale, trained.log_scale, rtol=0, atol=0)
 
 
+def test_actnorm_loading_an_uninitialised_state_initialises_again():
+    """The layer remembers it has seen data (no device sync per forward) until a state is loaded."""
+    blank = ActNorm(3).state_dict()
+    layer = ActNorm(3)
+    layer(torch.randn(8, 3, 4, 4))
+    layer.load_state_dict(blank)
+    x = torch.randn(8, 3, 4, 4) * 3 + 2
+    y, _ = layer(x)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+
+
 # --- 1x1 convolutions ------------------------------------------------------------------------------
 
 

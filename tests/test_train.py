@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeflow.config import with_overrides
+from pipeflow.part_trainer import optimizer_states
 from pipeflow.schedules import active_parts
 from pipeflow.setup import build_run
 from pipeflow.train import make_phases, train, train_step
@@ -149,3 +150,45 @@ def test_training_lowers_test_bits_per_dim(tmp_path, tiny_config):
     assert untrained["steps"] == 0 and trained["steps"] == 40
     assert trained["test_bpd"] < untrained["test_bpd"] - 0.3
     assert trained["test_bpd"] < math.log2(17)  # better than the uniform density on the 17 grey levels
+
+
+def _after_one_more_step(tiny_config, fine_tune: str | None):
+    """Train the 2 parts by parts (pipeline schedule) for 4 steps, then one more step: by parts
+    again (``None``), or as the first step of fine-tuning the glued flow with a carried-over
+    (``"carry"``) or a fresh (``"fresh"``) optimiser. Returns the run."""
+    cfg = with_overrides(tiny_config, ["train.schedule=pipeline", "train.warmup_steps=2", "train.grad_clip=0",
+                                       f"train.finetune_optimizer={fine_tune or 'carry'}"])
+    run = build_run(cfg)
+    by_parts, finetune = make_phases(run, torch.device("cpu"))
+    batches = list(run.train_batches().epoch(0)) + list(run.train_batches().epoch(1))
+    with torch.no_grad():
+        run.model.initialize(batches[0])
+    for x in batches[:4]:
+        train_step(by_parts.trainers, [0, 1], x)
+    if fine_tune is None:
+        train_step(by_parts.trainers, [0, 1], batches[4])
+    else:
+        if fine_tune == "carry":
+            assert finetune.trainers[0].carry_on_from(optimizer_states(by_parts.trainers)) > 0
+        train_step(finetune.trainers, [0], batches[4])
+    return run
+
+
+def test_fine_tuning_carries_the_parts_optimiser_on(tiny_config):
+    """The last part's loss is the whole flow's up to terms it cannot change, so with the parts'
+    Adam moments carried over, the first fine-tuning step moves it exactly as one more
+    by-parts step would; a fresh optimiser (warmed up again) does not."""
+    more = _after_one_more_step(tiny_config, None)
+    carried = _after_one_more_step(tiny_config, "carry")
+    fresh = _after_one_more_step(tiny_config, "fresh")
+
+    def last_part(run):
+        return torch.cat([p.detach().flatten() for p in run.parts[1].parameters()])
+
+    def first_part(run):
+        return torch.cat([p.detach().flatten() for p in run.parts[0].parameters()])
+
+    torch.testing.assert_close(last_part(carried), last_part(more), rtol=0, atol=1e-6)
+    assert (last_part(fresh) - last_part(more)).abs().max() > 1e-4
+    # the first part now follows the whole flow's gradient, not its truncated objective's
+    assert (first_part(carried) - first_part(more)).abs().max() > 1e-5

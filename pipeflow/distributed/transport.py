@@ -110,9 +110,16 @@ class Outbox:
 
     def _run(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        start = None
-        sent = 0
+            torch.cuda.set_device(self.device)  # the current device is per thread
+            # A stream of its own: on NCCL, waiting on a send makes the waiting thread's current
+            # stream wait for it, and that must not be the default stream the stage computes on.
+            with torch.cuda.stream(torch.cuda.Stream(self.device)):
+                self._send_loop()
+        else:
+            self._send_loop()
+
+    def _send_loop(self) -> None:
+        link_free_at = 0.0  # when a link of ``bandwidth`` bytes/s would have carried everything so far
         while True:
             item = self._queue.get()
             if item is None:
@@ -122,7 +129,6 @@ class Outbox:
                 if ready is not None:
                     ready.synchronize()
                 t0 = time.perf_counter()
-                start = start or t0
                 nbytes = 0
                 for tensor in (header, payload):
                     if tensor is not None:
@@ -131,9 +137,11 @@ class Outbox:
                         work = dist.isend(tensor, dst=self.peer)
                         work.wait(timeout=timedelta(seconds=self.timeout_s))
                         nbytes += tensor.numel() * tensor.element_size()
-                sent += nbytes
-                if self.bandwidth > 0:  # pace: the link may not have moved more than bandwidth * elapsed
-                    lag = sent / self.bandwidth - (time.perf_counter() - start)
+                if self.bandwidth > 0:
+                    # pace: the message takes the link from when both it and the link were free; a link
+                    # that stood idle banks nothing (the next messages cannot burst past the bandwidth)
+                    link_free_at = max(link_free_at, t0) + nbytes / self.bandwidth
+                    lag = link_free_at - time.perf_counter()
                     if lag > 0:
                         time.sleep(lag)
                 self.counters.wire_seconds += time.perf_counter() - t0
@@ -179,6 +187,25 @@ class Outbox:
                 elif time.monotonic() - since > 2 * self.timeout_s + 5:  # the thread's own send times out first
                     raise PeerSilent(f"rank {self.rank} could not {what} rank {self.peer} in "
                                      f"{2 * self.timeout_s:g} s (distributed.timeout_s): rank {self.peer} is silent")
+
+
+def open_links(rank: int, prev: int | None, nxt: int | None, device: torch.device, timeout_s: float) -> None:
+    """One token down the pipeline, from the main thread, before any stage sends a batch.
+
+    On NCCL a link's first message sets up that pair's communicator; made here, in pipeline
+    order, no two threads of a rank ever set one up at once (the sender thread only uses the
+    link afterwards). On gloo it is merely a first, tiny exchange.
+    """
+    token = torch.zeros(1, dtype=torch.int64, device=device)
+    wait = timedelta(seconds=timeout_s)
+    try:
+        if prev is not None:
+            dist.irecv(token, src=prev).wait(timeout=wait)
+        if nxt is not None:
+            dist.isend(token, dst=nxt).wait(timeout=wait)
+    except Exception as exc:  # noqa: BLE001 (gloo raises RuntimeError on a timeout or a closed peer)
+        raise PeerSilent(f"rank {rank} could not open the links to its neighbours within {timeout_s:g} s "
+                         f"(distributed.timeout_s): {brief(exc)}") from None
 
 
 class Inbox:

@@ -20,6 +20,9 @@ class ActNorm(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.eps = eps
         self.register_buffer("initialized", torch.tensor(False))
+        # Reading the buffer on a GPU is a device-to-host sync; once it has read True it is not
+        # read again (until a state_dict is loaded into this layer).
+        self._known_initialized = False
         self.name = ""  # where it sits in a model (set by Glow), so that errors can name it
 
     @torch.no_grad()
@@ -31,9 +34,15 @@ class ActNorm(nn.Module):
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._known_initialized = False
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not bool(self.initialized):
-            self.initialize(x)
+        if not self._known_initialized:
+            if not bool(self.initialized):
+                self.initialize(x)
+            self._known_initialized = True
         y = (x + self.bias) * torch.exp(self.log_scale)
         logdet = x.shape[2] * x.shape[3] * self.log_scale.sum()
         return y, logdet.expand(x.shape[0])
