@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from pipeflow.config import Config, from_dict
 from pipeflow.data import Batches, ImageData, load_dataset
+from pipeflow.distributed.transport import LinkPacer
 from pipeflow.part_trainer import PartTrainer, make_optimizer
 from pipeflow.parts import Part, split_into_parts, whole_model_part
 from pipeflow.setup import build_model
@@ -300,7 +301,7 @@ class PacedAllReduce:
         self.payload_bytes = 0
         self.wire_bytes = 0.0
         self.buckets = 0
-        self.link_free_at = 0.0
+        self.link = LinkPacer(bandwidth) if bandwidth > 0 else None
         self.lock = threading.Lock()
 
     def reset(self) -> None:
@@ -316,11 +317,10 @@ def paced_allreduce_hook(state: PacedAllReduce, bucket):  # no annotation: DDP c
     state.buckets += 1
     tensor.div_(state.world)
     fut = dist.all_reduce(tensor, async_op=True).get_future()
-    if state.bandwidth <= 0:
+    if state.link is None:
         return fut.then(lambda f: f.value()[0])
     with state.lock:
-        state.link_free_at = max(state.link_free_at, time.perf_counter()) + wire / state.bandwidth
-        due = state.link_free_at
+        due = state.link.occupy(wire, time.perf_counter())
 
     # The bucket is ready when both the all-reduce is done and the link could have carried it.
     # Hold it with a timer, never a sleep: a NCCL future completes as soon as the all-reduce

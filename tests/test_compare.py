@@ -53,6 +53,9 @@ def check_outputs(out: Path, results: dict, names=DEFAULT_RUNS) -> None:
         else:
             assert isinstance(run["by_parts_test_bpd"], float)
             assert run["claim_held"] in (True, False)
+            base = on_disk["runs"]["e2e"]
+            assert run["bpd_diff"] == pytest.approx(run["test_bpd"] - base["test_bpd"], abs=1e-12)
+            assert run["time_ratio"] == pytest.approx(run["train_seconds"] / base["train_seconds"], rel=1e-12)
             assert run["claim_held"] == (run["bpd_diff"] <= 0.02 and run["time_ratio"] <= 0.75)
             assert 0 < run["predicted"]["step"] <= 1 and 0 < run["predicted"]["plan"] <= 1
         assert is_png(out / run["sample"]), name

@@ -119,9 +119,23 @@ def test_parse_override():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_loads(path):
+def test_every_shipped_config_builds_its_model_and_parts(path):
+    from pipeflow.data import KNOWN_SHAPES
+    from pipeflow.setup import build_parts
+
     cfg = load_config(path)
-    assert cfg.parts.count <= cfg.model.levels * cfg.model.steps
+    # the shape of its images, without the data (an npz config names its data set in the file name)
+    shape = KNOWN_SHAPES.get(cfg.data.dataset) or KNOWN_SHAPES[Path(cfg.data.path).stem]
+    model = build_model(cfg, shape)
+    parts = build_parts(cfg, model)
+    assert len(parts) == cfg.parts.count
+    assert parts[0].in_shape == shape and parts[-1].out_shape == model.latent_shape
+    assert [p.steps.start for p in parts] == sorted(p.steps.start for p in parts)
+    steps = [(p.steps.start + 1, p.steps.stop) for p in parts]
+    if path.name == "cifar10_glow.toml":  # the paper's 2 parts across blocks: 1/2 | 1/2, 2, 3
+        assert steps == [(1, 16), (17, 96)]
+    if path.name == "cifar10_glow_3part.toml":
+        assert steps == [(1, 16), (17, 48), (49, 96)]
 
 
 def test_shipped_configs_exist():

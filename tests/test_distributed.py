@@ -142,6 +142,35 @@ def test_finetune_alone_initialises_every_replica_from_the_whole_first_batch(tmp
     assert max_difference(state(tmp_path / "ddp"), state(tmp_path / "single")) < 1e-3
 
 
+AVERAGE = """
+import json, sys
+import torch, torch.distributed as dist
+from pipeflow.distributed.collectives import gradient_averager
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+grads = [torch.tensor([1.0, 2.0]) + 2 * rank, torch.full((2, 2), 10.0 * (rank + 1))]
+average = gradient_averager(None, dist.get_world_size())
+average(grads)
+json.dump({"grads": [g.tolist() for g in grads], "bytes": average.bytes}, open(sys.argv[1] + str(rank), "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_stage_replicas_average_their_gradients(tmp_path):
+    """What the replicas of one stage exchange: the mean of their gradients, every tensor of it."""
+    script = tmp_path / "average.py"
+    script.write_text(AVERAGE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path / "out")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        out = json.loads((tmp_path / f"out{rank}").read_text())
+        assert out["grads"] == [[2.0, 3.0], [[15.0, 15.0], [15.0, 15.0]]]
+        assert out["bytes"] == 6 * 4
+
+
 def test_two_replicas_of_a_two_stage_pipeline(tmp_path):
     config = write_config(tmp_path, parts=2)
     ok(torchrun(4, config, tmp_path / "dist"))

@@ -100,6 +100,31 @@ def test_sample_inverts_to_the_drawn_latents():
     torch.testing.assert_close(zs[-1], model.top_prior.mean.expand_as(zs[-1]).detach(), rtol=1e-8, atol=1e-8)
 
 
+def test_temperature_scales_each_prior_draw_around_its_mean():
+    """x_T = mean + T * std * eps with the same eps for every T: checked on the top latent of a
+    whole sample (encoded back) and on a split's conditional prior, with non-trivial stds."""
+    model = make_glow(levels=2)
+    with torch.no_grad():
+        model.top_prior.mean.normal_(0.0, 0.3)
+        model.top_prior.log_std.normal_(0.0, 0.5)
+    tops = {t: model(model.sample(3, t, torch.Generator().manual_seed(5)))[0][-1] for t in (0.0, 0.5, 1.0)}
+    eps = torch.randn((3, *model.latent_shape), generator=torch.Generator().manual_seed(5)).double()
+    std = model.top_prior.log_std.detach().exp()
+    torch.testing.assert_close(tops[0.0], model.top_prior.mean.detach().expand(3, -1, -1, -1), rtol=0, atol=1e-8)
+    for t in (0.5, 1.0):
+        torch.testing.assert_close(tops[t] - tops[0.0], t * std * eps, rtol=0, atol=1e-8)
+
+    split = next(layer for layer in model.layers if isinstance(layer, Split))
+    h_kept = torch.randn(3, split.keep, 4, 4, dtype=torch.float64)
+    zs = {t: split.sample(h_kept, t, torch.Generator().manual_seed(6))[:, split.keep:] for t in (0.0, 0.5, 1.0)}
+    mean, log_std = split.prior(h_kept).detach().chunk(2, dim=1)
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(6)).double()
+    assert log_std.abs().max() > 1e-3  # the conditional std is not 1
+    torch.testing.assert_close(zs[0.0], mean, rtol=0, atol=1e-12)
+    for t in (0.5, 1.0):
+        torch.testing.assert_close(zs[t] - zs[0.0], t * log_std.exp() * eps, rtol=0, atol=1e-12)
+
+
 def test_layer_layout_and_shapes():
     model = Glow(1, 8, levels=3, steps=2, hidden=4)
     kinds = [type(layer) for layer in model.layers]

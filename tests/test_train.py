@@ -192,3 +192,91 @@ def test_fine_tuning_carries_the_parts_optimiser_on(tiny_config):
     assert (last_part(fresh) - last_part(more)).abs().max() > 1e-4
     # the first part now follows the whole flow's gradient, not its truncated objective's
     assert (first_part(carried) - first_part(more)).abs().max() > 1e-5
+
+
+# --- the optimiser's settings, each observed in what the optimiser does ------------------------------
+
+
+def test_warm_up_is_linear_in_each_optimisers_own_updates(tiny_config):
+    cfg = with_overrides(tiny_config, ["train.schedule=e2e", "train.warmup_steps=4", "train.lr=1e-3"])
+    run = build_run(cfg)
+    (phase,) = make_phases(run, torch.device("cpu"))
+    trainer = phase.trainers[0]
+    x = next(run.train_batches().epoch(0))
+    seen = []
+    for _ in range(6):
+        train_step([trainer], [0], x)
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+    assert seen == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], rel=1e-12)
+
+
+def test_gradients_are_clipped_to_grad_clip(tiny_config):
+    x = None
+    for clip in (0.0, 1e-3):
+        cfg = with_overrides(tiny_config, ["train.schedule=e2e", f"train.grad_clip={clip}"])
+        run = build_run(cfg)
+        (phase,) = make_phases(run, torch.device("cpu"))
+        x = next(run.train_batches().epoch(0)) if x is None else x
+        train_step(phase.trainers, [0], x)
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in phase.trainers[0].params]))
+        if clip:
+            assert norm == pytest.approx(clip, rel=1e-4)  # what the update used
+        else:
+            assert norm > 100 * 1e-3  # unclipped, far above the clip tried next
+
+
+def test_adamax_is_used_when_asked(tiny_config):
+    run = build_run(with_overrides(tiny_config, ["train.optimizer=adamax"]))
+    by_parts, finetune = make_phases(run, torch.device("cpu"))
+    x = next(run.train_batches().epoch(0))
+    train_step(by_parts.trainers, [0, 1], x)
+    for trainer in [*by_parts.trainers, *finetune.trainers]:
+        assert isinstance(trainer.optimizer, torch.optim.Adamax)
+    state = by_parts.trainers[0].optimizer.state[by_parts.trainers[0].params[0]]
+    assert "exp_inf" in state and "exp_avg_sq" not in state  # Adamax's infinity norm, not Adam's
+
+
+def test_part_and_finetune_learning_rates_reach_their_optimisers(tiny_config):
+    cfg = with_overrides(tiny_config, ["train.schedule=pipeline", "train.warmup_steps=0",
+                                       "train.part_lrs=[1e-3, 1e-5]", "train.finetune_lr=2e-4"])
+    run = build_run(cfg)
+    by_parts, finetune = make_phases(run, torch.device("cpu"))
+    with torch.no_grad():
+        run.model.initialize(next(run.train_batches().epoch(0)))
+
+    def largest_move(trainers, step):
+        before = [p.detach().clone() for tr in trainers for p in tr.params]
+        step()
+        return [max((p - q).abs().max().item() for p, q in zip(tr.params, before[i:]))
+                for i, tr in zip((0, len(trainers[0].params)), trainers)]
+
+    x = next(run.train_batches().epoch(1))
+    # Adam's first update moves each parameter by its learning rate (times the sign of its gradient)
+    moved = largest_move(by_parts.trainers, lambda: train_step(by_parts.trainers, [0, 1], x))
+    assert moved == pytest.approx([1e-3, 1e-5], rel=2e-2)  # (float32 parameters near 1 round a 1e-5 step)
+    cfg_fresh = with_overrides(cfg, ["train.finetune_optimizer=fresh"])
+    run = build_run(cfg_fresh)
+    _, finetune = make_phases(run, torch.device("cpu"))
+    with torch.no_grad():
+        run.model.initialize(next(run.train_batches().epoch(0)))
+    (moved,) = largest_move(finetune.trainers, lambda: train_step(finetune.trainers, [0], x))
+    assert moved == pytest.approx(2e-4, rel=1e-3)
+
+
+def test_test_bits_per_dim_weighs_every_image_of_every_batch(tiny_config):
+    """70 test images in batches of 16 (the last one of 6): the mean over images, not batches."""
+    from pipeflow.evaluate import evaluate
+    from pipeflow.objective import bits_per_dim
+    from pipeflow.part_trainer import PartTrainer
+    from pipeflow.parts import whole_model_part
+
+    cfg = with_overrides(tiny_config, ["data.test_limit=70", "train.eval_batch_size=16"])
+    run = build_run(cfg)
+    run.model.initialize(next(run.train_batches().epoch(0)))
+    trainer = PartTrainer(whole_model_part(run.model), 1.0, cfg.train, run.num_dims, run.n_bins)
+    batches = list(run.test_batches().epoch(0))
+    assert [len(b) for b in batches] == [16, 16, 16, 16, 6]
+    with torch.no_grad():
+        direct = torch.cat([bits_per_dim(run.model.log_prob(b), run.num_dims, run.n_bins) for b in batches])
+    assert evaluate([trainer], run.test_batches(), torch.device("cpu"))[-1] == pytest.approx(direct.mean().item(),
+                                                                                            rel=1e-6)

@@ -68,6 +68,24 @@ def _row_numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+class LinkPacer:
+    """A link of ``bandwidth`` bytes/s that carries one thing at a time, for throttling.
+
+    A message occupies the link for ``nbytes / bandwidth`` from when both it and the link are
+    free. A link that stood idle banks nothing: what comes after a pause cannot burst past the
+    bandwidth. The pipeline's sends and the benchmark's DDP all-reduces are paced alike.
+    """
+
+    def __init__(self, bandwidth: float):
+        self.bandwidth = bandwidth
+        self.free_at = 0.0
+
+    def occupy(self, nbytes: float, now: float) -> float:
+        """Put ``nbytes`` on the link at time ``now``; returns when the link has carried them."""
+        self.free_at = max(self.free_at, now) + nbytes / self.bandwidth
+        return self.free_at
+
+
 class Outbox:
     """Messages to the next stage (a higher rank): the only direction anything travels."""
 
@@ -119,7 +137,7 @@ class Outbox:
             self._send_loop()
 
     def _send_loop(self) -> None:
-        link_free_at = 0.0  # when a link of ``bandwidth`` bytes/s would have carried everything so far
+        link = LinkPacer(self.bandwidth) if self.bandwidth > 0 else None
         while True:
             item = self._queue.get()
             if item is None:
@@ -137,11 +155,8 @@ class Outbox:
                         work = dist.isend(tensor, dst=self.peer)
                         work.wait(timeout=timedelta(seconds=self.timeout_s))
                         nbytes += tensor.numel() * tensor.element_size()
-                if self.bandwidth > 0:
-                    # pace: the message takes the link from when both it and the link were free; a link
-                    # that stood idle banks nothing (the next messages cannot burst past the bandwidth)
-                    link_free_at = max(link_free_at, t0) + nbytes / self.bandwidth
-                    lag = link_free_at - time.perf_counter()
+                if link is not None:  # pace: hold the next message until the link could have carried this one
+                    lag = link.occupy(nbytes, t0) - time.perf_counter()
                     if lag > 0:
                         time.sleep(lag)
                 self.counters.wire_seconds += time.perf_counter() - t0
