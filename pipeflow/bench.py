@@ -195,7 +195,8 @@ def _ddp_metrics(results: list[dict], warmup: int) -> dict:
     r0 = results[0]
     return {"step_seconds": step, "step_seconds_mean": statistics.fmean(per_step), "step_times": per_step,
             "ranks": [{"rank": r["rank"], "stage": None, "busy_fraction": None, "busy_seconds_per_step": None,
-                       "idle_seconds_per_step": None, "sent_bytes_per_step": r["wire_bytes_per_step"], **_memory(r)}
+                       "idle_seconds_per_step": None, "sent_bytes_per_step": r["wire_bytes_per_step"],
+                       "paced_seconds": r.get("paced_seconds", 0.0), **_memory(r)}
                       for r in results],
             "forward_bytes_per_step": 0,
             # what DDP moves: every gradient, every step; a ring all-reduce makes each rank send 2(P-1)/P of it
@@ -225,6 +226,7 @@ def _stage_metrics(results: list[dict], warmup: int, steps: int) -> dict:
                       "busy_seconds_per_step": busy / steps, "idle_seconds_per_step": (window - busy) / steps,
                       "step_seconds": medians[-1], "step_times": gaps,
                       "forward_bytes_per_step": fwd, "sent_bytes_per_step": fwd, "wire_seconds": r["wire_seconds"],
+                      "paced_seconds": r.get("paced_seconds", 0.0),
                       "params": r["params"], "in_shape": r.get("in_shape"), "out_shape": r.get("out_shape"),
                       # every update of the rank, warm-up included: (start, end) in seconds from the first update
                       "updates": [(round(a - t0, 6), round(b - t0, 6)) for a, b in iv],

@@ -302,10 +302,11 @@ class PacedAllReduce:
         self.wire_bytes = 0.0
         self.buckets = 0
         self.link = LinkPacer(bandwidth) if bandwidth > 0 else None
+        self.paced_seconds = 0.0  # how long the link held buckets back
         self.lock = threading.Lock()
 
     def reset(self) -> None:
-        self.payload_bytes, self.wire_bytes, self.buckets = 0, 0.0, 0
+        self.payload_bytes, self.wire_bytes, self.buckets, self.paced_seconds = 0, 0.0, 0, 0.0
 
 
 def paced_allreduce_hook(state: PacedAllReduce, bucket):  # no annotation: DDP checks it literally
@@ -335,10 +336,24 @@ def paced_allreduce_hook(state: PacedAllReduce, bucket):  # no annotation: DDP c
             paced.set_exception(exc)
             return
         lag = due - time.perf_counter()
-        if lag > 0:
-            threading.Timer(lag, paced.set_result, args=(reduced,)).start()
-        else:
+        if lag <= 0:
             paced.set_result(reduced)
+            return
+        with state.lock:
+            state.paced_seconds += lag
+        if not reduced.is_cuda:
+            threading.Timer(lag, paced.set_result, args=(reduced,)).start()
+            return
+        # A CUDA future marks itself complete on the current stream of the thread that sets its
+        # result: set it on this callback's stream (which has waited for the all-reduce), not on
+        # the timer thread's default one, and on the bucket's device.
+        stream = torch.cuda.current_stream(reduced.device)
+
+        def later():
+            with torch.cuda.device(reduced.device), torch.cuda.stream(stream):
+                paced.set_result(reduced)
+
+        threading.Timer(lag, later).start()
 
     fut.add_done_callback(release)
     return paced
@@ -378,7 +393,7 @@ def run_ddp(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict
     timed = max(spec["steps"], 1)
     return {"step_seconds": times, "rank": rank, "stage": 0, "memory": memory.report(), "skipped": trainer.skipped,
             "allreduce_bytes_per_step": hook.payload_bytes / timed, "wire_bytes_per_step": hook.wire_bytes / timed,
-            "buckets_per_step": hook.buckets / timed,
+            "buckets_per_step": hook.buckets / timed, "paced_seconds": hook.paced_seconds,
             "params": sum(p.numel() for p in whole.parameters())}
 
 
@@ -438,6 +453,7 @@ def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) 
             "busy_seconds": report.busy_seconds, "seconds": report.seconds, "steps": report.steps,
             "forward_bytes": counters.forward_bytes, "backward_bytes": counters.backward_bytes,
             "forward_messages": counters.forward_messages, "wire_seconds": counters.wire_seconds,
+            "paced_seconds": counters.paced_seconds,
             "params": params, "skipped": trainer.inner.skipped,
             "in_shape": list(part.in_shape), "out_shape": list(part.out_shape)}
 

@@ -496,6 +496,7 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
                 shard, evaluate_fn = None, evaluate
             if carried:
                 trainer.carry_on_from(carried)
+                carried.clear()  # the trainer holds its own copies now
             phase = Phase(ft_name, ft_epochs, "e2e", [trainer])
             start = (0, 0)
             if resumed_finetune:

@@ -87,14 +87,16 @@ class PartTrainer:
         for as long again. With the moments carried over, fine-tuning continues where the
         by-parts phase left off. ``states`` maps a parameter to its optimiser state (e.g.
         ``exp_avg``, ``exp_avg_sq``, ``step``); parameters this trainer does not train (a
-        learned boundary prior) are ignored. Returns how many parameters carried on.
+        learned boundary prior) are ignored. Only when every parameter carries on is the
+        warm-up skipped: one that starts afresh (its part never trained) needs it. Returns how
+        many parameters carried on.
         """
         carried = 0
         for p in self.params:
             if p in states:
                 self.optimizer.state[p] = {k: v.detach().clone() for k, v in states[p].items()}
                 carried += 1
-        self.warm = carried > 0
+        self.warm = carried == len(self.params)
         return carried
 
     def train_step(self, h: torch.Tensor, carry: torch.Tensor) -> tuple[PartOutput, float]:

@@ -74,6 +74,7 @@ def test_bench_runs_everything_and_writes_json(config, tmp_path):
         assert len(r["ranks"]) == r["ranks_count"]
         for rank in r["ranks"]:
             assert rank["peak_memory_bytes"] >= 0 and rank["peak_memory_abs_bytes"] > 0
+            assert rank.get("paced_seconds", 0.0) == 0.0  # no --bandwidth: nothing is held back
     assert runs["e2e"]["speedup"] == pytest.approx(1.0)
 
     split = report["splits"]["across"]
@@ -122,7 +123,9 @@ def test_a_paced_link_carries_one_thing_at_a_time_and_banks_no_idle_time():
 
 
 def test_bench_bandwidth_throttles_both_ddp_and_the_pipeline(config, tmp_path):
-    """Both kinds of run go through the paced link (``LinkPacer``, tested above) and report it."""
+    """Both kinds of run go through the paced link (``LinkPacer``, tested above): at 40 kB/s it must
+    hold their traffic back (a tiny model's step computes in milliseconds, its transfers take a
+    tenth of a second and more), and the unthrottled runs of the test above are never held."""
     bandwidth = 40_000.0  # bytes/s per rank
     out = tmp_path / "bench.json"
     result = pipeflow("bench", "--config", config, "--steps", 3, "--warmup", 2, "--scheme", "across",
@@ -134,6 +137,9 @@ def test_bench_bandwidth_throttles_both_ddp_and_the_pipeline(config, tmp_path):
     assert ddp["bandwidth"] == pipe["bandwidth"] == bandwidth
     assert ddp["backward_bytes_per_rank_per_step"] == pytest.approx(4 * ddp["params"])  # 2 ranks: every gradient
     assert pipe["forward_bytes_per_rank_per_step"] == 32 + 16 * (4 * 4 * 4 + 1) * 4
+    assert all(rank["paced_seconds"] > 0 for rank in ddp["ranks"])
+    assert pipe["ranks"][0]["paced_seconds"] > 0
+    assert pipe["ranks"][1]["paced_seconds"] == 0  # the last rank sends nothing
 
 
 @pytest.mark.parametrize("args, message", [

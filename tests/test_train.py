@@ -174,6 +174,20 @@ def _after_one_more_step(tiny_config, fine_tune: str | None):
     return run
 
 
+def test_fine_tuning_warms_up_again_unless_every_parameter_carries_on(tiny_config):
+    run = build_run(with_overrides(tiny_config, ["train.schedule=pipeline"]))
+    by_parts, finetune = make_phases(run, torch.device("cpu"))
+    with torch.no_grad():
+        run.model.initialize(next(run.train_batches().epoch(0)))
+    train_step(by_parts.trainers, [0], next(run.train_batches().epoch(0)))  # only part 0 has trained
+    whole = finetune.trainers[0]
+    assert 0 < whole.carry_on_from(optimizer_states(by_parts.trainers)) < len(whole.params)
+    assert not whole.warm and whole.lr() < whole.base_lr
+    train_step(by_parts.trainers, [0, 1], next(run.train_batches().epoch(0)))
+    assert whole.carry_on_from(optimizer_states(by_parts.trainers)) == len(whole.params)
+    assert whole.warm and whole.lr() == whole.base_lr
+
+
 def test_fine_tuning_carries_the_parts_optimiser_on(tiny_config):
     """The last part's loss is the whole flow's up to terms it cannot change, so with the parts'
     Adam moments carried over, the first fine-tuning step moves it exactly as one more

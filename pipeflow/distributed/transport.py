@@ -59,6 +59,7 @@ class Counters:
     backward_bytes: int = 0
     forward_messages: int = 0
     wire_seconds: float = 0.0
+    paced_seconds: float = 0.0  # how long a throttled link (``bandwidth``) held messages back
 
 
 def _row_numel(shape: tuple[int, ...]) -> int:
@@ -159,6 +160,7 @@ class Outbox:
                     lag = link.occupy(nbytes, t0) - time.perf_counter()
                     if lag > 0:
                         time.sleep(lag)
+                        self.counters.paced_seconds += lag
                 self.counters.wire_seconds += time.perf_counter() - t0
                 self.counters.forward_bytes += nbytes
                 self.counters.forward_messages += 1
