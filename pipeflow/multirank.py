@@ -502,6 +502,7 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
             if resumed_finetune:
                 trainer.load_state_dict(state["trainer"])
                 phase.seconds, phase.test_bpd = state["phase"]["seconds"], state["phase"]["test_bpd"]
+                phase.images = state["phase"].get("images", 0)
                 start = tuple(state["position"])
                 if mode == "ddp":
                     _rebucket(trainer, run, shard, device)
@@ -512,7 +513,8 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
                 store.save(progress.global_step, ft_name, {
                     "kind": ft_name, "world": topo.world, "stages": topo.stages, "config": cfg.to_dict(),
                     "model": model.state_dict(), "trainer": trainer.state_dict(),
-                    "phase": {"seconds": phase.seconds, "test_bpd": phase.test_bpd}, "progress": asdict(progress),
+                    "phase": {"seconds": phase.seconds, "test_bpd": phase.test_bpd, "images": phase.images},
+                    "progress": asdict(progress),
                     "position": [epoch, batch], "reports": reports, "summary_phases": summary_phases,
                     "gather_bytes": gather_bytes, "metrics_bytes": log.tell(), "rng": rng_state(device),
                 }, kind=ft_name, world=topo.world, stages=topo.stages, bad_in_a_row=trainer.bad_in_a_row)
@@ -525,7 +527,8 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool
                 finetune_bytes = 4 * sum(p.numel() for p in whole.parameters()) * steps
         ft_skipped = trainer.skipped
         summary_phases[ft_name] = {"epochs": ft_epochs, "seconds": phase.seconds,
-                                   "schedule": "e2e" if mode == "rank0" else "ddp", "test_bpd": phase.test_bpd}
+                                   "schedule": "e2e" if mode == "rank0" else "ddp", "test_bpd": phase.test_bpd,
+                                   "images_per_process": phase.images}  # rank 0's: with DDP, its shards
     if mode == "ddp" or not ft_epochs:
         with guard("leaving together", timeout):
             dist.barrier()  # leave together: tearing down while a peer still talks can abort it

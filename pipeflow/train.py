@@ -40,6 +40,7 @@ class Phase:
     trainers: list[PartTrainer]
     seconds: float = 0.0
     test_bpd: float | None = None
+    images: int = 0  # training images this process has seen (its shard of each batch, with DDP)
 
 
 @dataclass
@@ -123,6 +124,7 @@ def run_phase(phase: Phase, run: Run, device: torch.device, log: RunLog | None, 
         clock = time.perf_counter()
         for b, x in enumerate(batches.epoch(progress.epochs_done, start=skip), start=skip):
             x = shard(x) if shard else x
+            phase.images += len(x)
             active = active_parts(phase.schedule, n_parts, epoch, progress.global_step, phase.epochs, t.alternate_every)
             step_start = time.perf_counter()
             results = train_step(phase.trainers, active, x.to(device))
@@ -224,7 +226,7 @@ def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback |
             "kind": "single", "world": 1, "config": cfg.to_dict(),
             "model": run.model.state_dict(), "parts": [part.state_dict() for part in run.parts],
             "trainers": [[tr.state_dict() for tr in ph.trainers] for ph in phases],
-            "phases": [{"seconds": ph.seconds, "test_bpd": ph.test_bpd} for ph in phases],
+            "phases": [{"seconds": ph.seconds, "test_bpd": ph.test_bpd, "images": ph.images} for ph in phases],
             "progress": asdict(progress), "position": [p, epoch, batch], "metrics_bytes": log.tell(),
             "rng": rng_state(device),
         }, world=1, kind="single", bad_in_a_row=max(tr.bad_in_a_row for ph in phases for tr in ph.trainers))
@@ -255,7 +257,7 @@ def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback |
         "cuts": [p.steps.start for p in run.parts[1:]],
         "skipped_steps": sum(tr.skipped for ph in phases for tr in ph.trainers),
         "phases": {ph.name: {"epochs": ph.epochs, "seconds": ph.seconds, "schedule": ph.schedule,
-                             "test_bpd": ph.test_bpd} for ph in phases},
+                             "test_bpd": ph.test_bpd, "images_per_process": ph.images} for ph in phases},
         "history": progress.history,
         "device": str(device),
         "resumed_from_step": state["step"] if state else None,
@@ -287,6 +289,7 @@ def _restore_single(state: dict, run: Run, phases: list[Phase], progress: Progre
             for trainer, trainer_state in zip(phase.trainers, trainer_states, strict=True):
                 trainer.load_state_dict(trainer_state)
             phase.seconds, phase.test_bpd = phase_state["seconds"], phase_state["test_bpd"]
+            phase.images = phase_state.get("images", 0)
         for key, value in state["progress"].items():
             setattr(progress, key, value)
         set_rng_state(state["rng"], device)

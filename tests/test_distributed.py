@@ -106,6 +106,8 @@ def test_finetune_ddp_improves_and_model_loads_alone(tmp_path):
     ok(result)
     summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
     assert summary["phases"]["finetune"]["schedule"] == "ddp"
+    # each of the 2 ranks trains on its half of every batch: 3 epochs x 5 steps x 32 images / 2
+    assert summary["phases"]["finetune"]["images_per_process"] == 3 * 5 * 32 // 2
     assert summary["test_bpd"] < summary["phases"]["by_parts"]["test_bpd"]
     assert summary["comm"]["backward_bytes"] == 0 and summary["comm"]["finetune_allreduce_bytes"] > 0
     evaluated = subprocess.run([sys.executable, "-m", "pipeflow.cli", "eval", "--checkpoint",
@@ -119,7 +121,11 @@ def test_finetune_on_rank0_equals_one_device_and_ddp_is_close(tmp_path):
     config = write_config(tmp_path, parts=2, finetune=2)
     ok(torchrun(2, config, tmp_path / "ddp"))
     ok(torchrun(2, config, tmp_path / "rank0", "--set", "distributed.finetune=rank0"))
-    single_device(config, tmp_path / "single")
+    single = single_device(config, tmp_path / "single")
+    rank0 = json.loads((tmp_path / "rank0" / "summary.json").read_text())
+    # rank 0 alone sees every image of the 2 fine-tuning epochs, as one device does
+    assert rank0["phases"]["finetune"]["images_per_process"] == single["phases"]["finetune"]["images_per_process"]
+    assert single["phases"]["finetune"]["images_per_process"] == 2 * 5 * 32
     # by parts on 2 ranks, then the parts and their optimiser states gathered and fine-tuned
     # on rank 0: the very run `pipeflow train` makes on one device
     assert max_difference(state(tmp_path / "rank0"), state(tmp_path / "single")) <= 1e-6
