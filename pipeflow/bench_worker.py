@@ -297,7 +297,7 @@ class PacedAllReduce:
     """
 
     def __init__(self, world: int, bandwidth: float):
-        self.world, self.bandwidth = world, bandwidth
+        self.world = world
         self.payload_bytes = 0
         self.wire_bytes = 0.0
         self.buckets = 0

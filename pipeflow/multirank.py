@@ -264,25 +264,28 @@ def gather_optimizer_states(run: Run, topo: Topology, trainer: PartTrainer) -> t
     device. A state's tensors shaped like the parameter travel on the device; its scalars
     (Adam's ``step``) travel as numbers. Returns the states by parameter and the bytes moved.
     """
+    def describe(state: dict) -> dict:  # key -> (value, dtype) for a scalar, None for a tensor to broadcast
+        return {k: (v.item(), str(v.dtype).removeprefix("torch.")) if v.dim() == 0 else None for k, v in state.items()}
+
     states, moved = {}, 0
     for s, part in enumerate(run.parts):
         params = [p for p in part.parameters() if p.requires_grad]
-        own = optimizer_states([trainer]) if topo.rank == s else {}
-        layout = broadcast_object([
-            None if p not in own else {k: (v.item(), str(v.dtype).removeprefix("torch.")) if v.dim() == 0 else None
-                                       for k, v in own[p].items()}
-            for p in params] if topo.rank == s else None, src=s)
+        owner = topo.rank == s
+        own = optimizer_states([trainer]) if owner else {}
+        layout = broadcast_object([describe(own[p]) if p in own else None for p in params] if owner else None, src=s)
         for p, keys in zip(params, layout):
-            if keys is None:
+            if keys is None:  # no state: the parameter never had an update
                 continue
             state = {}
             for key, scalar in keys.items():
-                if scalar is not None:
-                    state[key] = own[p][key] if own else torch.tensor(scalar[0], dtype=getattr(torch, scalar[1]))
+                if owner:
+                    state[key] = own[p][key]
+                elif scalar is not None:
+                    state[key] = torch.tensor(scalar[0], dtype=getattr(torch, scalar[1]))
                 else:
-                    tensor = own[p][key] if own else torch.empty_like(p)
-                    moved += broadcast_tensors([tensor], src=s)
-                    state[key] = tensor
+                    state[key] = torch.empty_like(p)
+                if scalar is None:
+                    moved += broadcast_tensors([state[key]], src=s)
             states[p] = state
     return states, moved
 
