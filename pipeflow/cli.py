@@ -94,8 +94,8 @@ def plan(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
          json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the plan as JSON.")):
     """Show how the model is cut: layers, shapes, parameters and FLOP share of each part, per scheme."""
     from pipeflow.data import dataset_shape  # noqa: PLC0415
-    from pipeflow.plan import describe_parts, predicted_ratios, scheme_parts  # noqa: PLC0415
-    from pipeflow.setup import build_model  # noqa: PLC0415
+    from pipeflow.tools.plan import describe_parts, predicted_ratios, scheme_parts  # noqa: PLC0415
+    from pipeflow.build import build_model  # noqa: PLC0415
 
     cfg = _config(config, set_)
     model = build_model(cfg, dataset_shape(cfg.data))
@@ -140,7 +140,7 @@ def eval_(checkpoint: Path = typer.Option(..., "--checkpoint", help="A model.pt 
     from pipeflow.evaluate import evaluate  # noqa: PLC0415
     from pipeflow.part_trainer import PartTrainer  # noqa: PLC0415
     from pipeflow.parts import whole_model_part  # noqa: PLC0415
-    from pipeflow.setup import resolve_device  # noqa: PLC0415
+    from pipeflow.build import resolve_device  # noqa: PLC0415
 
     model, cfg, bins = load_model(checkpoint)
     cfg = with_overrides(cfg, set_ or [])
@@ -200,7 +200,7 @@ def compare(
     import shlex  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from pipeflow.compare import compare as run_compare  # noqa: PLC0415
+    from pipeflow.tools.compare import compare as run_compare  # noqa: PLC0415
 
     def log(message: str) -> None:
         console.print(f"{time.strftime('%H:%M:%S')} {message}", markup=False, highlight=False)
@@ -266,9 +266,9 @@ def bench(
     import shlex  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from pipeflow.bench import BenchOptions, parse_modes, parse_schemes, render, to_markdown  # noqa: PLC0415
-    from pipeflow.bench import bench as run_bench  # noqa: PLC0415
-    from pipeflow.bench import write_json  # noqa: PLC0415
+    from pipeflow.tools.bench import BenchOptions, parse_modes, parse_schemes, render, to_markdown  # noqa: PLC0415
+    from pipeflow.tools.bench import bench as run_bench  # noqa: PLC0415
+    from pipeflow.tools.bench import write_json  # noqa: PLC0415
 
     def log(message: str) -> None:
         console.print(f"{time.strftime('%H:%M:%S')} {message}", markup=False, highlight=False)

@@ -48,7 +48,7 @@ from pipeflow.objective import part_objective
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
 from pipeflow.parts import whole_model_part
 from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
-from pipeflow.setup import Run, build_model, build_parts
+from pipeflow.build import Run, build_model, build_parts
 from pipeflow.train import Phase, Progress, diverged_hint, run_phase
 
 

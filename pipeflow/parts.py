@@ -7,7 +7,7 @@ its flat layer list (:meth:`Glow.cut_index`). Schemes choose the cuts:
 * ``across``  -- the paper's, inside levels: cuts after 1/2, 3/2, 5/2, ... levels, so
   2 parts are 1/2 | 1/2, 2, 3 and 3 parts are 1/2 | 1/2, 2/2 | 2/2, 3.
 * ``cuts``    -- explicit numbers of flow steps before each cut.
-* ``balanced``-- the cuts that minimise the costliest part (see :mod:`pipeflow.balance`).
+* ``balanced``-- the cuts that minimise the costliest part (see :mod:`pipeflow.tools.balance`).
 
 Parts *share* their layers with the model, so after training by parts the model is
 already the glued flow, ready for end-to-end fine-tuning.
@@ -74,7 +74,7 @@ def cut_points(model: Glow, scheme: str, parts: int, cuts: Sequence[int] = (),
         if len(set(points)) != len(points) or any(not 0 < c < n for c in points):
             raise UserError(f"cut points must be distinct numbers of flow steps in 1..{n - 1}, got {list(cuts)}")
     elif scheme == "balanced":
-        from pipeflow.balance import balanced_cuts  # noqa: PLC0415 (only this scheme needs costs)
+        from pipeflow.tools.balance import balanced_cuts  # noqa: PLC0415 (only this scheme needs costs)
 
         points = balanced_cuts(step_costs, parts)
     else:

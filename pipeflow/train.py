@@ -29,7 +29,7 @@ from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_state
 from pipeflow.parts import whole_model_part
 from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
 from pipeflow.schedules import active_parts
-from pipeflow.setup import Run, build_run, resolve_device
+from pipeflow.build import Run, build_run, resolve_device
 
 
 @dataclass

@@ -106,7 +106,7 @@ def test_bench_runs_everything_and_writes_json(config, tmp_path):
     assert all(isinstance(t["met"], bool) for t in report["targets"])
     assert "pipeflow bench" in result.stdout and "speed-up" in result.stdout
 
-    from pipeflow.bench import to_markdown
+    from pipeflow.tools.bench import to_markdown
 
     md = to_markdown(report)
     assert "| e2e | 1x1 |" in md and "| pipeline across x2 | 2x1 |" in md and "| target |" in md
@@ -155,7 +155,7 @@ def test_bench_bad_input_is_one_line(config, args, message):
 
 
 def test_step_groups_are_exactly_the_layers_of_the_parts():
-    from pipeflow.flops import step_flops, step_layer_groups
+    from pipeflow.tools.flops import step_flops, step_layer_groups
     from pipeflow.parts import split_into_parts
 
     model = make_glow(levels=3, steps=3)
@@ -168,9 +168,9 @@ def test_step_groups_are_exactly_the_layers_of_the_parts():
 
 
 def test_measured_costs_balance_and_predict():
-    from pipeflow.balance import balanced_cuts, measure_step_costs, part_costs
-    from pipeflow.flops import alternate_cost_ratio, stage_cost_ratio
-    from pipeflow.plan import describe_parts, measured_alternate_ratio, pipeline_ratios
+    from pipeflow.tools.balance import balanced_cuts, measure_step_costs, part_costs
+    from pipeflow.tools.flops import alternate_cost_ratio, stage_cost_ratio
+    from pipeflow.tools.plan import describe_parts, measured_alternate_ratio, pipeline_ratios
 
     torch.manual_seed(0)
     model = make_glow(levels=2, steps=2).float()
@@ -200,7 +200,7 @@ def test_measured_costs_balance_and_predict():
 
 
 def test_stage_metrics_from_intervals():
-    from pipeflow.bench import _stage_metrics
+    from pipeflow.tools.bench import _stage_metrics
 
     def rank(r, intervals):
         return {"rank": r, "stage": r, "intervals": intervals, "forward_messages": 5, "forward_bytes": 32 + 4 * 100,
@@ -219,7 +219,7 @@ def test_stage_metrics_from_intervals():
 
 
 def test_pipeline_goes_as_fast_as_its_slowest_stage():
-    from pipeflow.bench import _stage_metrics
+    from pipeflow.tools.bench import _stage_metrics
 
     def rank(r, intervals):
         return {"rank": r, "stage": r, "intervals": intervals, "forward_messages": 1, "forward_bytes": 0,
@@ -241,7 +241,7 @@ def test_flop_model_counts_what_torch_counts(coupling):
     once per batch, not per image)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeflow.flops import layer_flops
+    from pipeflow.tools.flops import layer_flops
     from pipeflow.glow import FlowStep, Glow, Split
 
     model = Glow(3, 16, levels=2, steps=2, hidden=32, coupling=coupling)
@@ -266,7 +266,7 @@ def test_flop_model_counts_what_torch_counts(coupling):
 
 
 def test_alternate_cost_ratio_by_hand():
-    from pipeflow.flops import alternate_cost_ratio
+    from pipeflow.tools.flops import alternate_cost_ratio
 
     # 2 parts of forward cost 1 and 3: training part 1 costs 3*1; training part 2 costs 1 (part 1
     # under no_grad) + 3*3; an e2e step 3*4. Mean (3 + 10) / 2 / 12 = 13/24.

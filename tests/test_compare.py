@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeflow.compare import DEFAULT_RUNS, compare, parse_runs, run_config
+from pipeflow.tools.compare import DEFAULT_RUNS, compare, parse_runs, run_config
 from pipeflow.config import from_dict, load_config
 from pipeflow.errors import UserError
 

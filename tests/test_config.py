@@ -9,7 +9,7 @@ import pytest
 from pipeflow.config import Config, from_dict, load_config, parse_override, to_toml, with_overrides
 from pipeflow.data import dataset_shape
 from pipeflow.errors import UserError
-from pipeflow.setup import build_model
+from pipeflow.build import build_model
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
 
@@ -121,7 +121,7 @@ def test_parse_override():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_builds_its_model_and_parts(path):
     from pipeflow.data import KNOWN_SHAPES
-    from pipeflow.setup import build_parts
+    from pipeflow.build import build_parts
 
     cfg = load_config(path)
     # the shape of its images, without the data (an npz config names its data set in the file name)

@@ -217,7 +217,7 @@ def test_by_parts_a_device_holds_only_its_own_part(tmp_path):
     """The placement each rank makes before the pipeline, on the meta device (it needs no GPU)."""
     from pipeflow.config import load_config
     from pipeflow.multirank import place_own_part, place_whole_model
-    from pipeflow.setup import build_model, build_parts
+    from pipeflow.build import build_model, build_parts
 
     cfg = load_config(write_config(tmp_path, parts=3))
     model = build_model(cfg, (1, 8, 8))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_glow
 
-from pipeflow.balance import balanced_cuts
+from pipeflow.tools.balance import balanced_cuts
 from pipeflow.errors import UserError
 from pipeflow.glow import Glow
 from pipeflow.glow.model import flow_forward

@@ -30,7 +30,7 @@ from pipeflow.glow.invconv import SingularWeightError
 from pipeflow.multirank import check_keep, plan_resume
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged, check_invertible
 from pipeflow.parts import whole_model_part
-from pipeflow.setup import build_run
+from pipeflow.build import build_run
 from pipeflow.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import torch
 from pipeflow.config import with_overrides
 from pipeflow.part_trainer import optimizer_states
 from pipeflow.schedules import active_parts
-from pipeflow.setup import build_run
+from pipeflow.build import build_run
 from pipeflow.train import make_phases, train, train_step
 
 STEP_KEYS = {"phase", "part", "epoch", "step", "loss", "prefix_bpd", "images_per_s", "wall"}

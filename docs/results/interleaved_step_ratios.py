@@ -15,7 +15,7 @@ import time
 import torch
 
 from pipeflow.config import load_config, with_overrides
-from pipeflow.setup import build_run
+from pipeflow.build import build_run
 from pipeflow.train import make_phases, train_step
 
 RUNS = [("e2e", "e2e", 1), ("alternate2", "alternate", 2), ("alternate3", "alternate", 3),

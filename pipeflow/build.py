@@ -63,7 +63,7 @@ def build_parts(cfg: Config, model: Glow, count: int | None = None) -> list[Part
     p = cfg.parts
     step_costs = ()
     if p.scheme == "balanced":
-        from pipeflow.flops import step_flops  # noqa: PLC0415
+        from pipeflow.tools.flops import step_flops  # noqa: PLC0415
 
         step_costs = step_flops(model)
     return split_into_parts(model, p.scheme, count or p.count, p.cuts, p.boundary_prior, step_costs)

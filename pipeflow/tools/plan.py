@@ -1,7 +1,7 @@
 """The plan of parts: what each part holds and what it costs, for every scheme.
 
 Costs come from the FLOP model, or from per-step costs measured on the target device
-(:func:`pipeflow.balance.measure_step_costs`): with those, ``balanced`` cuts minimise
+(:func:`pipeflow.tools.balance.measure_step_costs`): with those, ``balanced`` cuts minimise
 the measured slowest part and every part shows its measured share as well.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from pipeflow.balance import part_costs
+from pipeflow.tools.balance import part_costs
 from pipeflow.config import Config
-from pipeflow.flops import alternate_cost_ratio, part_flops, paper_plan_ratio, stage_cost_ratio, step_flops
+from pipeflow.tools.flops import alternate_cost_ratio, part_flops, paper_plan_ratio, stage_cost_ratio, step_flops
 from pipeflow.glow import Glow
 from pipeflow.parts import Part, split_into_parts
 
@@ -68,7 +68,7 @@ def measured_alternate_ratio(train_costs: Sequence[float], forward_costs: Sequen
                              cuts: Sequence[int]) -> float:
     """The alternate step's cost relative to end-to-end, from measured per-step costs.
 
-    Like :func:`pipeflow.flops.alternate_cost_ratio`, but with each part's measured training
+    Like :func:`pipeflow.tools.flops.alternate_cost_ratio`, but with each part's measured training
     and no_grad forward costs instead of 3 F and F.
     """
     train, forward = part_costs(train_costs, cuts), part_costs(forward_costs, cuts)

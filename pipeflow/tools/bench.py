@@ -1,6 +1,6 @@
 """``pipeflow bench``: throughput, memory and communication of every way to train one config.
 
-On the same architecture, batch and data, and one process per rank (:mod:`pipeflow.bench_worker`):
+On the same architecture, batch and data, and one process per rank (:mod:`pipeflow.tools.bench_worker`):
 
     e2e             end-to-end on one device (the baseline of every speed-up)
     e2e xN threads  end-to-end in one process given all the ranks' threads (the same cores)
@@ -16,9 +16,9 @@ warm-up (for the P-rank pipeline: over the largest of the ranks' median interval
 updates: it goes as fast as its slowest stage); ``alternate`` takes the median step of each
 part and averages them over the parts.
 
-Next to each measurement stands its prediction: the FLOP model's (:mod:`pipeflow.flops`) and,
+Next to each measurement stands its prediction: the FLOP model's (:mod:`pipeflow.tools.flops`) and,
 with ``--measure-costs``, the model built from per-step costs measured on the device
-(:func:`pipeflow.balance.measure_step_costs`), which also gives the ``balanced-measured``
+(:func:`pipeflow.tools.balance.measure_step_costs`), which also gives the ``balanced-measured``
 split. The paper's plan (E1 epochs by parts, E2 end to end) is predicted relative to E1 + E2
 epochs end to end from both.
 """
@@ -127,7 +127,7 @@ def _launch(spec: dict, world: int, work: Path, name: str, timeout_s: float) -> 
     procs = []
     for rank in range(world):
         log = open(run_dir / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below)
-        procs.append((subprocess.Popen([sys.executable, "-m", "pipeflow.bench_worker", str(spec_path), str(rank)],
+        procs.append((subprocess.Popen([sys.executable, "-m", "pipeflow.tools.bench_worker", str(spec_path), str(rank)],
                                        stdout=log, stderr=subprocess.STDOUT, env=env), log))
     deadline = time.monotonic() + timeout_s
     failed = "interrupted"
@@ -248,13 +248,13 @@ def bench(cfg: Config, opts: BenchOptions, log: Log | None = None, command: str 
     """Run every measurement ``opts`` asks for; return the report (every figure)."""
     import torch  # noqa: PLC0415
 
-    from pipeflow.balance import balanced_cuts, part_costs  # noqa: PLC0415
-    from pipeflow.bench_worker import bench_batches  # noqa: PLC0415
+    from pipeflow.tools.balance import balanced_cuts, part_costs  # noqa: PLC0415
+    from pipeflow.tools.bench_worker import bench_batches  # noqa: PLC0415
     from pipeflow.data import dataset_shape, load_dataset, n_bins  # noqa: PLC0415
-    from pipeflow.flops import alternate_cost_ratio, part_flops, stage_cost_ratio, step_flops  # noqa: PLC0415
+    from pipeflow.tools.flops import alternate_cost_ratio, part_flops, stage_cost_ratio, step_flops  # noqa: PLC0415
     from pipeflow.parts import split_into_parts  # noqa: PLC0415
-    from pipeflow.plan import cuts_of, describe_parts, measured_alternate_ratio, scheme_parts  # noqa: PLC0415
-    from pipeflow.setup import build_model, resolve_device  # noqa: PLC0415
+    from pipeflow.tools.plan import cuts_of, describe_parts, measured_alternate_ratio, scheme_parts  # noqa: PLC0415
+    from pipeflow.build import build_model, resolve_device  # noqa: PLC0415
 
     log = log or (lambda message: None)
     started = time.time()
@@ -437,7 +437,7 @@ def _slug(bw: float) -> str:
 
 def _derive(report: dict, cfg: Config, shape, P: int) -> None:
     """Speed-ups, ratios to end-to-end, predictions of the paper's plan, and the targets."""
-    from pipeflow.flops import data_parallel_cost_ratio, paper_plan_ratio  # noqa: PLC0415
+    from pipeflow.tools.flops import data_parallel_cost_ratio, paper_plan_ratio  # noqa: PLC0415
 
     runs = [r for r in report["runs"] if "error" not in r]
     e2e = next((r for r in runs if r["name"] == "e2e"), None)

@@ -1,8 +1,8 @@
 """One process of ``pipeflow bench``: times training steps of one configuration and reports.
 
-    python -m pipeflow.bench_worker SPEC.json RANK
+    python -m pipeflow.tools.bench_worker SPEC.json RANK
 
-``pipeflow bench`` (:mod:`pipeflow.bench`) starts one such process per rank, with the spec
+``pipeflow bench`` (:mod:`pipeflow.tools.bench`) starts one such process per rank, with the spec
 it wrote, and reads back ``rank{RANK}.json`` from the spec's ``out`` folder. Every mode
 drives the library's own training code; only the clock around it is new:
 
@@ -15,7 +15,7 @@ drives the library's own training code; only the clock around it is new:
 * ``stage``  -- P processes, the forward-only pipeline: rank r holds part r only and runs
   :func:`pipeflow.distributed.pipeline.run_stage` with the real Inbox/Outbox transport
   (the Outbox paces forward sends to the bandwidth).
-* ``costs``  -- one process: :func:`pipeflow.balance.measure_step_costs`.
+* ``costs``  -- one process: :func:`pipeflow.tools.balance.measure_step_costs`.
 
 Memory (:class:`Memory`): the peak over the first two (warm-up) steps of CUDA allocated
 memory, or of live anonymous memory on a CPU, above a baseline taken just before the
@@ -45,7 +45,7 @@ from pipeflow.data import Batches, ImageData, load_dataset
 from pipeflow.distributed.transport import LinkPacer
 from pipeflow.part_trainer import PartTrainer, make_optimizer
 from pipeflow.parts import Part, split_into_parts, whole_model_part
-from pipeflow.setup import build_model
+from pipeflow.build import build_model
 
 
 # ---------------------------------------------------------------- memory
@@ -459,7 +459,7 @@ def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) 
 
 
 def run_costs(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
-    from pipeflow.balance import measure_step_costs  # noqa: PLC0415
+    from pipeflow.tools.balance import measure_step_costs  # noqa: PLC0415
 
     cfg = from_dict(spec["config"])
     x = _batches(spec)[0]

@@ -150,10 +150,10 @@ def _bpd_at(history: list[dict], x: float | None, key: str) -> float | None:
 def _predicted(cfg: Config, schedule: str, parts: int) -> dict | None:
     """FLOP-model prediction of the run's time relative to end-to-end (pipeline: the same work)."""
     from pipeflow.data import dataset_shape  # noqa: PLC0415
-    from pipeflow.flops import BACKWARD_FACTOR, paper_plan_ratio, part_flops  # noqa: PLC0415
-    from pipeflow.plan import predicted_ratios, scheme_parts  # noqa: PLC0415
+    from pipeflow.tools.flops import BACKWARD_FACTOR, paper_plan_ratio, part_flops  # noqa: PLC0415
+    from pipeflow.tools.plan import predicted_ratios, scheme_parts  # noqa: PLC0415
     from pipeflow.schedules import active_parts  # noqa: PLC0415
-    from pipeflow.setup import build_model  # noqa: PLC0415
+    from pipeflow.build import build_model  # noqa: PLC0415
 
     if schedule == "e2e":
         return {"step": 1.0, "plan": 1.0}
@@ -603,7 +603,7 @@ def _equal_time(runs: dict) -> list[str]:
 
 def _prediction(runs: dict, results: dict) -> list[str]:
     lines = ["## Time: measured against the FLOP model", "",
-             "`pipeflow.plan.predicted_ratios`: an alternate step trains one part, runs the parts before it under "
+             "`pipeflow.tools.plan.predicted_ratios`: an alternate step trains one part, runs the parts before it under "
              "no_grad and skips the ones after it; a pipeline step on one device does all the work of an e2e step. "
              "*Step* is the predicted cost of a by-parts step relative to an e2e step, *plan* the predicted time "
              "of the whole run relative to e2e.", "",

@@ -6,7 +6,7 @@ O(P n^2); n is at most a few hundred.
 
 The cost of a flow step comes from one of two sources:
 
-* the FLOP model (:func:`pipeflow.flops.step_flops`), the ``balanced`` scheme's default;
+* the FLOP model (:func:`pipeflow.tools.flops.step_flops`), the ``balanced`` scheme's default;
 * a measurement on the target device (:func:`measure_step_costs`): the seconds one
   training update of that step alone takes (forward, backward and optimiser step, on the
   real batch shape). It sees what FLOPs do not: a 1x1 convolution on a 4x4 map is far
@@ -85,13 +85,13 @@ def measure_step_costs(model, x: torch.Tensor, repeats: int = 5, warmup: int = 1
     """Seconds per flow step on ``x``'s device and batch: ``(train, forward)``.
 
     ``train`` is one update of the step alone (with the squeeze or split that a part holding
-    it would hold, see :func:`pipeflow.flops.step_layer_groups`): forward, backward of a
+    it would hold, see :func:`pipeflow.tools.flops.step_layer_groups`): forward, backward of a
     likelihood-like loss that reaches every parameter, and an optimiser step at learning
     rate 0 (the same work, the weights unchanged). ``forward`` is the same step under
     ``no_grad``, what a part that only feeds a later one costs in the ``alternate`` schedule.
     The model's ActNorms should be initialised already (``model.initialize``).
     """
-    from pipeflow.flops import step_layer_groups  # noqa: PLC0415
+    from pipeflow.tools.flops import step_layer_groups  # noqa: PLC0415
     from pipeflow.glow.model import flow_forward  # noqa: PLC0415
     from pipeflow.part_trainer import make_optimizer  # noqa: PLC0415
 
