@@ -13,10 +13,7 @@ hang on another); 1 a failure at run time (a silent peer, a diverged loss).
 ``torchrun --max-restarts=K`` a restarted attempt (TORCHELASTIC_RESTART_COUNT > 0) always
 resumes, and ``--force`` clears the directory on the first attempt only.
 
-For tests only, PIPEFLOW_TEST_FAULT injects failures: a comma-separated list of
-``ACTION:RANK:STEP[-LAST][@ATTEMPT]`` with ACTION ``exit`` (the rank ends at once after
-that step), ``stop`` (it SIGSTOPs itself: a silent peer) or ``nan`` (its by-parts input is
-NaN for steps STEP..LAST), on attempt ATTEMPT (default 0, the first).
+For tests only, PIPEFLOW_TEST_FAULT injects failures (see :mod:`pipeflow.faults`).
 """
 
 from __future__ import annotations
@@ -34,6 +31,7 @@ from pipeflow.config import load_config
 from pipeflow.distributed.topology import Topology
 from pipeflow.distributed.transport import PeerSilent
 from pipeflow.errors import EXIT_USAGE, UserError
+from pipeflow.faults import fault_hooks, parse_faults
 from pipeflow.glow.invconv import SingularWeightError
 from pipeflow.part_trainer import TrainingDiverged
 
@@ -93,26 +91,6 @@ def say(line: str, stream=None) -> None:
     stream.flush()
 
 
-def parse_faults(text: str, attempt: int):
-    """PIPEFLOW_TEST_FAULT -> the faults to inject on this attempt (see the module's docstring)."""
-    from pipeflow.multirank import Fault  # noqa: PLC0415
-
-    faults = []
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        try:
-            spec, _, on = item.partition("@")
-            action, rank, steps = spec.split(":")
-            first, _, last = steps.partition("-")
-            fault = Fault(action, int(rank), int(first), int(last or first))
-            if action not in ("exit", "stop", "nan"):
-                raise ValueError(action)
-        except ValueError:
-            raise UserError(f"PIPEFLOW_TEST_FAULT: cannot read {item!r} (ACTION:RANK:STEP[-LAST][@ATTEMPT])") from None
-        if int(on or 0) == attempt:
-            faults.append(fault)
-    return tuple(faults)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     env = os.environ
@@ -122,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     resume = args.resume == "auto" or attempt > 0  # a restart continues its own run
     force = args.force and attempt == 0  # ... and never clears what the first attempt saved
     try:
-        faults = parse_faults(env.get("PIPEFLOW_TEST_FAULT", ""), attempt)
+        faults = parse_faults(env.get("PIPEFLOW_TEST_FAULT", ""), attempt)  # tests only
         overrides = [*args.overrides, *([f"distributed.backend={args.backend}"] if args.backend else [])]
         cfg = load_config(args.config, overrides)
         stages = 1 if cfg.train.schedule == "e2e" else cfg.parts.count
@@ -151,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"[rank {rank}] by_parts epoch {record['epoch']}: stage {topo.stage} prefix "
                 f"{record['prefix_bpd']:.4f} bits/dim")
 
-        summary = train_multirank(cfg, RankContext(topo, device, args.bandwidth, faults), args.out, force=force,
+        after_step, stream_filter = fault_hooks(faults, rank)
+        ctx = RankContext(topo, device, args.bandwidth, (after_step,) if after_step else (), stream_filter)
+        summary = train_multirank(cfg, ctx, args.out, force=force,
                                   on_eval=announce if topo.is_last and topo.replica == 0 else None, resume=resume)
         if summary is not None and summary.get("already_finished"):
             say(f"[rank 0] the run in {args.out} has already finished (test {summary['test_bpd']:.4f} bits/dim); "

@@ -1,100 +1,118 @@
 """Training on P x R processes: the forward-only pipeline, then end-to-end fine-tuning.
 
-1. **By parts.** Rank r holds part ``r % P`` of replica ``r // P``. Stage 0 reads the
-   data; every stage receives the detached latent of the stage before it, trains its own
-   part with its own optimiser (the same :class:`PartTrainer` as on one device), and
-   sends its detached output on. Nothing travels backwards. With R > 1 the replicas of a
-   stage average their gradients (one process group per stage).
-2. **Gather.** Each part is broadcast from its owner, so every rank holds the whole flow.
-3. **Fine-tune.** Data-parallel (DDP; every rank a shard of every batch) or on rank 0 alone.
+A run on every rank is these named steps:
 
-Rank 0 writes the run directory; its ``model.pt`` loads alone in one process.
+1. **Agree on the config** -- every rank checks it; one rank's bad input stops them all (exit 2).
+2. **Build this rank** -- rank r holds part ``r % P`` of replica ``r // P``; stage 0 reads the data.
+3. **Plan the start** -- from scratch, or from the newest step that every rank has saved.
+4. **By parts** -- the loop of :mod:`pipeflow.loop` on this rank's part: stage 0 reads the
+   data, every later stage the detached latents of the stage before it; nothing travels
+   backwards. With R > 1 the replicas of a stage average their gradients.
+5. **Gather** -- each part is broadcast from its owner, so every rank holds the whole flow.
+6. **Fine-tune** -- the same loop on the whole model: data-parallel (DDP) or on rank 0 alone.
+7. **Finish** -- rank 0 writes ``model.pt`` and ``summary.json``; its model loads alone.
 
-Checkpoints (see :mod:`pipeflow.checkpoint`): during the by-parts phase every rank saves its
-part, optimiser, report and RNG state every ``checkpoint.every_steps`` steps and at each
-epoch's last step, in ``out/checkpoints/rank{r}``; during fine-tuning rank 0 saves the whole
-model and optimiser (the DDP replicas are identical). With ``resume`` the ranks exchange
-their manifests and continue from rank 0's newest fine-tuning checkpoint, or else from the
-newest by-parts step that every rank has saved.
+Checkpoints (see :mod:`pipeflow.state`): by parts, every rank saves its part, optimiser and
+run state every ``checkpoint.every_steps`` steps and at each epoch's last step; in
+fine-tuning rank 0 saves the whole model (the DDP replicas are identical).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
 import time
 from bisect import bisect_right
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeflow.checkpoint import CheckpointStore, rng_state, save_model, set_rng_state
+from pipeflow.build import Run, build_model, build_parts
+from pipeflow.checkpoint import CheckpointStore, save_model
 from pipeflow.config import Config
 from pipeflow.data import dataset_shape, load_dataset, n_bins
 from pipeflow.distributed.collectives import (agree, broadcast_object, broadcast_tensors, gather_all, gather_to_rank0,
                                               gradient_averager, guard, sum_across)
-from pipeflow.distributed.pipeline import StageReport, data_messages, inbox_messages, run_stage
 from pipeflow.distributed.topology import Topology
-from pipeflow.distributed.transport import TRAIN, Counters, Inbox, Message, Outbox, open_links
+from pipeflow.distributed.transport import Counters, Inbox, Message, Outbox, open_links
 from pipeflow.errors import UserError
-from pipeflow.evaluate import evaluate, evaluation_sums
+from pipeflow.evaluate import evaluate
+from pipeflow.faults import StreamFilter
 from pipeflow.glow.model import is_initialized
+from pipeflow.loop import Chain, DataStream, Hooks, Tally, inbox_stream, run_loop
 from pipeflow.objective import part_objective
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
 from pipeflow.parts import whole_model_part
 from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
-from pipeflow.build import Run, build_model, build_parts
-from pipeflow.train import Phase, Progress, diverged_hint, run_phase
-
+from pipeflow.state import Checkpointer, RunState, newest_entry_check, restore, summary
+from pipeflow.train import Phase, diverged_hint, is_checkpoint_step
 
 FINETUNE_PHASES = ("finetune", "e2e")
-FAULT_EXIT = 43  # the status of a process that an injected fault ended
-
-
-@dataclass(frozen=True)
-class Fault:
-    """A failure to inject, for tests (``pipeflow.launch`` builds these from PIPEFLOW_TEST_FAULT).
-
-    ``exit``: the rank ends at once (``os._exit``) after its step ``first`` (checkpoint saved);
-    ``stop``: it stops itself (SIGSTOP), a silent peer; ``nan``: its input for steps
-    ``first..last`` of the by-parts phase becomes NaN.
-    """
-
-    action: str
-    rank: int
-    first: int
-    last: int
+T = TypeVar("T")
 
 
 @dataclass
 class RankContext:
+    """What the launcher hands a rank: where it stands, its device, and hooks (tests inject faults here)."""
+
     topo: Topology
     device: torch.device
     bandwidth: float = 0.0  # bytes/s to pace forward sends with (0: unpaced)
-    faults: tuple[Fault, ...] = ()
-
-    def after_step(self, step: int) -> None:
-        for f in self.faults:
-            if f.rank == self.topo.rank and f.first == step and f.action in ("exit", "stop"):
-                sys.stderr.write(f"[rank {self.topo.rank}] injected fault: {f.action} after step {step}\n")
-                sys.stderr.flush()
-                if f.action == "exit":
-                    os._exit(FAULT_EXIT)
-                os.kill(os.getpid(), signal.SIGSTOP)
-
-    def corrupt(self, step: int) -> bool:
-        return any(f.action == "nan" and f.rank == self.topo.rank and f.first <= step <= f.last for f in self.faults)
+    step_hooks: tuple[Callable[[Message], None], ...] = ()
+    stream_filter: StreamFilter | None = None
 
 
-def _agreed(error: UserError | None, device: torch.device, what: str) -> None:
-    """Stop every rank together, with the same kind of error, if any rank failed ``what``."""
-    if not agree(error is None, device):
-        raise error or UserError(f"{what} failed on another rank (see its message)")
+@dataclass
+class RankRun:
+    """Everything one rank holds during a run."""
+
+    cfg: Config
+    ctx: RankContext
+    out: Path
+    run: Run
+    steps_per_epoch: int = 0
+    state: RunState = field(default_factory=RunState)
+    plan: tuple[str, int] | None = None  # where the run resumes: (phase, step)
+    blob: dict | None = None  # this rank's checkpoint to resume from
+    store: CheckpointStore | None = None
+    log: RunLog | None = None
+    counters: Counters = field(default_factory=Counters)
+    carried: dict = field(default_factory=dict)  # the parts' optimiser states, for fine-tuning to carry on
+
+    @property
+    def topo(self) -> Topology:
+        return self.ctx.topo
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def timeout(self) -> float:
+        return self.cfg.distributed.timeout_s
+
+    def saver(self) -> Checkpointer:
+        return Checkpointer(self.store, self.cfg, "launch", self.topo.world, self.topo.stages, self.device,
+                            self.log.tell if self.log else (lambda: 0))
+
+
+def every_rank_agrees(what: str, rr_or_device, timeout: float, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it refused bad input on any rank, every rank stops with exit 2.
+
+    The rank that found the problem raises its own message; the others say where to look.
+    """
+    device = rr_or_device.device if isinstance(rr_or_device, RankRun) else rr_or_device
+    error, result = None, None
+    try:
+        result = fn()
+    except UserError as exc:
+        error = exc
+    with guard(what, timeout):
+        if not agree(error is None, device):
+            raise error or UserError(f"{what} failed on another rank (see its message)")
+    return result
 
 
 def _rows(x: torch.Tensor, index: int, count: int) -> torch.Tensor:
@@ -103,22 +121,13 @@ def _rows(x: torch.Tensor, index: int, count: int) -> torch.Tensor:
     return x[index * n : (index + 1) * n]
 
 
-def _load_data(run: Run, device: torch.device) -> None:
-    error = None
-    if run.data is None:
-        try:
-            run.data = load_dataset(run.cfg.data)
-        except UserError as exc:
-            error = exc
-    _agreed(error, device, "loading the data")
+def _rows_cover(x: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """This rank's rows of a test batch; unlike training shards, the slices cover every row."""
+    bounds = [len(x) * i // topo.world for i in range(topo.world + 1)]
+    return x[bounds[topo.rank] : bounds[topo.rank + 1]]
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-
-
-def is_checkpoint_step(step: int, steps_per_epoch: int, every: int) -> bool:
-    """By-parts checkpoints: every ``every`` steps and at each epoch's last step."""
-    return step % steps_per_epoch == 0 or bool(every and step % every == 0)
 
 
 def pipeline_skew(topo: Topology, in_flight: int) -> int:
@@ -155,15 +164,8 @@ def check_keep(cfg: Config, topo: Topology, steps_per_epoch: int) -> None:
 
 def plan_resume(manifests: list[list[dict]], topo: Topology) -> tuple[str, int] | None:
     """Where to resume from, given every rank's manifest: ``(phase, step)`` or None (from scratch)."""
-    for r, entries in enumerate(manifests):
-        for e in entries:
-            if e.get("kind") == "single":
-                raise UserError("the checkpoints in this run directory were written by `pipeflow train` on one device: "
-                                "resume them with pipeflow train --resume auto, or pass --force to start afresh")
-            if (e.get("world"), e.get("stages")) != (topo.world, topo.stages):
-                raise UserError(f"the checkpoints of rank {r} were written by {e.get('world')} processes running "
-                                f"{e.get('stages')} parts, not {topo.world} running {topo.stages}: resume with the "
-                                "same number of processes, or pass --force to start afresh")
+    for entries in manifests:
+        newest_entry_check(entries, "launch", topo.world, topo.stages)
     finetune = [e["step"] for e in manifests[0] if e["phase"] in FINETUNE_PHASES]
     if finetune:
         return "finetune", max(finetune)
@@ -178,83 +180,377 @@ def plan_resume(manifests: list[list[dict]], topo: Topology) -> tuple[str, int] 
     return "by_parts", max(common)
 
 
-def _corrupted(messages: Iterable[Message], ctx: RankContext) -> Iterator[Message]:
-    """Test faults: NaN inputs on the chosen steps."""
-    for msg in messages:
-        if msg.kind == TRAIN and ctx.corrupt(msg.step):
-            msg.h = msg.h * float("nan")
-        yield msg
+# --- the steps of a run --------------------------------------------------------------------------
 
 
-# --- the three stages of a run -------------------------------------------------------------------
+def agree_on_config(cfg: Config, ctx: RankContext, out: Path, force: bool, resume: bool):
+    """Every rank checks the config and the output directory; returns the data's shape and, for a
+    run that already finished, its summary (on rank 0)."""
+    topo, t = ctx.topo, cfg.train
+
+    def check():
+        check_run_dir(out, force=force, resume=resume)
+        if resume and topo.rank == 0:
+            check_same_run(out, cfg)
+        ddp_finetune = cfg.distributed.finetune == "ddp" and (t.finetune_epochs or topo.stages == 1)
+        if t.batch_size % topo.world and ddp_finetune:
+            raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of the {topo.world} processes "
+                            "for data-parallel fine-tuning")
+        if t.batch_size % topo.replicas:
+            raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of the {topo.replicas} replicas")
+        return dataset_shape(cfg.data)
+
+    shape = every_rank_agrees("checking the config", ctx.device, cfg.distributed.timeout_s, check)
+    with guard("checking the config", cfg.distributed.timeout_s):
+        dist.barrier()  # every rank has checked the output directory before rank 0 writes into it
+        done = broadcast_object(finished_summary(out) if resume and topo.rank == 0 else None)
+    return shape, done
 
 
-def by_parts_phase(run: Run, ctx: RankContext, counters: Counters, on_eval=None, state: dict | None = None,
-                   store: CheckpointStore | None = None, log: RunLog | None = None,
-                   steps_per_epoch: int = 0) -> tuple[StageReport, PartTrainer]:
-    cfg, topo, device = run.cfg, ctx.topo, ctx.device
-    t = cfg.train
-    part = run.parts[topo.stage]
+def build_rank(cfg: Config, ctx: RankContext, out: Path, shape) -> RankRun:
+    """This rank's model and part (on its device: by parts, the part alone), and stage 0's data."""
+    topo = ctx.topo
+    model = build_model(cfg, shape)
+    parts = build_parts(cfg, model, topo.stages) if topo.stages > 1 else [whole_model_part(model)]
+    place_own_part(model, parts, topo.stage if topo.stages > 1 else None, ctx.device)
+    rr = RankRun(cfg, ctx, out, Run(cfg, None, model, parts, 0))
+    if topo.is_first:
+        rr.run.data = every_rank_agrees("loading the data", rr, rr.timeout, lambda: load_dataset(cfg.data))
+    else:
+        every_rank_agrees("loading the data", rr, rr.timeout, lambda: None)
+    with guard("loading the data", rr.timeout):  # stage 0 knows the data's levels and batches per epoch
+        data = rr.run.data
+        known = torch.tensor([n_bins(data, cfg.data.n_bits), len(rr.run.train_batches())] if data else [0, 0],
+                             device=ctx.device)
+        dist.all_reduce(known, op=dist.ReduceOp.MAX)
+    rr.run.n_bins, rr.steps_per_epoch = (int(v) for v in known.tolist())
+    return rr
+
+
+def plan_start(rr: RankRun, force: bool, resume: bool) -> None:
+    """From scratch, or from checkpoints: every rank agrees where, then rank 0 prepares the run directory."""
+    topo, cfg = rr.topo, rr.cfg
+    rr.store = CheckpointStore(rr.out, topo.rank, cfg.checkpoint.keep)
+
+    def entries():
+        check_keep(cfg, topo, rr.steps_per_epoch)
+        return rr.store.entries() if resume else []
+
+    mine = every_rank_agrees("checking the checkpoints", rr, rr.timeout, entries)
+    if resume:
+        with guard("agreeing where to resume", rr.timeout):
+            manifests = gather_all(mine)
+        rr.plan = every_rank_agrees("planning the resume", rr, rr.timeout, lambda: plan_resume(manifests, topo))
+    if rr.plan is not None:
+        phase, step = rr.plan
+        mine_to_read = phase == "by_parts" or topo.rank == 0
+        rr.blob = every_rank_agrees("reading the checkpoints", rr, rr.timeout,
+                                    lambda: rr.store.load(step, cfg) if mine_to_read else None)
+        if phase in FINETUNE_PHASES and (cfg.distributed.finetune == "ddp" or topo.stages == 1):
+            with guard("reading the checkpoints", rr.timeout):
+                rr.blob = broadcast_object(rr.blob)  # every DDP rank continues from rank 0's checkpoint
+    if topo.rank == 0:
+        metrics = rr.blob["metrics_bytes"] if rr.blob else (0 if resume else None)
+        rr.log = RunLog(prepare_run_dir(rr.out, force=force, resume=resume), cfg, metrics_bytes=metrics)
+    if resume:
+        rr.store.discard_after(rr.plan[1] if rr.plan else 0)
+    with guard("preparing the run directory", rr.timeout):
+        dist.barrier()  # rank 0 has cleared (--force) the directory before any rank saves into it
+
+
+def _stage_trainer(rr: RankRun):
+    """This rank's part trainer; with R > 1 its replicas start equal and average their gradients."""
+    topo, cfg = rr.topo, rr.cfg
+    part = rr.run.parts[topo.stage]
     groups = [dist.new_group(topo.stage_ranks(s)) for s in range(topo.stages)] if topo.replicas > 1 else None
     grad_hook = gradient_averager(groups[topo.stage], topo.replicas) if groups else None
-    stage_agree = (lambda ok: agree(ok, device, groups[topo.stage])) if groups else None
-    trainer = PartTrainer(part, run.part_lr(topo.stage), t, run.num_dims, run.n_bins, grad_hook=grad_hook,
-                          name=f"part {topo.stage} (rank {topo.rank})", agree=stage_agree)
-    report = StageReport(topo.rank, topo.stage, topo.replica)
-    start_step = 0
-    if state is not None:
-        try:
-            part.load_state_dict(state["part"])
-            trainer.load_state_dict(state["trainer"])
-            report = StageReport(**state["report"])
-            for key, value in state["counters"].items():
-                setattr(counters, key, value)
-            set_rng_state(state["rng"], device)
-        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"rank {topo.rank}'s checkpoint of step {state['step']} does not fit this run: "
-                            f"{str(exc).splitlines()[0]}") from None
+    stage_agree = (lambda ok: agree(ok, rr.device, groups[topo.stage])) if groups else None
+    if groups and rr.blob is None:  # replica 0's weights, not only the same seed (LAPACK builds can differ)
+        with guard(f"the first weights of stage {topo.stage}", rr.timeout):
+            broadcast_tensors(part.state_dict().values(), src=topo.stage_ranks(topo.stage)[0],
+                              group=groups[topo.stage])
+    trainer = PartTrainer(part, rr.run.part_lr(topo.stage), cfg.train, rr.run.num_dims, rr.run.n_bins,
+                          grad_hook=grad_hook, name=f"part {topo.stage} (rank {topo.rank})", agree=stage_agree)
+    return part, trainer, grad_hook
+
+
+def _stage_stream(rr: RankRun, part: nn.Module):
+    """Stage 0 reads the data (its replica's rows of each batch); every later stage its inbox."""
+    topo, t = rr.topo, rr.cfg.train
+    if not topo.is_first:
+        return inbox_stream(Inbox(topo.rank, topo.prev_rank, part.in_shape, rr.device, rr.timeout))
+    batches = rr.run.train_batches()
+    tests = rr.run.test_batches() if topo.replica == 0 else None
+    data = DataStream(lambda e, skip: (_rows(x, topo.replica, topo.replicas) for x in batches.epoch(e, start=skip)),
+                      (lambda: tests.epoch(0)) if tests else None, rr.device, rr.steps_per_epoch)
+    # every replica initialises its ActNorms from the whole first batch, as on one device
+    init = None if rr.blob else next(batches.epoch(0))
+    return data.phase(0, t.by_parts_epochs, rr.state.step, init)
+
+
+def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer:
+    """Train this rank's part in the forward-only pipeline; returns its trainer."""
+    topo, cfg, state = rr.topo, rr.cfg, rr.state
+    part, trainer, grad_hook = _stage_trainer(rr)
+    if rr.blob is not None:
+        rr.state = state = restore(rr.blob, [part], [trainer], rr.device)
+        rr.counters = Counters(**rr.blob["counters"])
         if grad_hook is not None:
-            grad_hook.bytes = state.get("allreduce_bytes", 0)
-        start_step = state["step"]
-    open_links(topo.rank, None if topo.is_first else topo.prev_rank, None if topo.is_last else topo.next_rank,
-               device, cfg.distributed.timeout_s)
-    if topo.is_first:
-        batches = run.train_batches()
-        tests = run.test_batches() if topo.replica == 0 else None
-        messages = data_messages(
-            t.by_parts_epochs,
-            lambda e, skip=0: (_rows(x, topo.replica, topo.replicas) for x in batches.epoch(e, start=skip)),
-            (lambda: tests.epoch(0)) if tests else None,
-            # every replica initialises its ActNorms from the whole first batch, as on one device
-            None if start_step else next(batches.epoch(0)),
-            device, start_step=start_step, steps_per_epoch=steps_per_epoch,
-        )
-    else:
-        messages = inbox_messages(Inbox(topo.rank, topo.prev_rank, part.in_shape, device, cfg.distributed.timeout_s))
-    if any(f.action == "nan" for f in ctx.faults):
-        messages = _corrupted(messages, ctx)
+            grad_hook.bytes = state.comm.get("stage_allreduce_bytes", 0)
+    state.phase = "by_parts"
+    open_links(topo.rank, topo.prev_rank, topo.next_rank, rr.device, rr.timeout)
+    stream = _stage_stream(rr, part)
+    if rr.ctx.stream_filter is not None:
+        stream = rr.ctx.stream_filter(stream)
     outbox = None
     if not topo.is_last:
-        outbox = Outbox(topo.rank, topo.next_rank, part.out_shape, device, cfg.distributed.in_flight,
-                        ctx.bandwidth, counters, cfg.distributed.timeout_s)
+        outbox = Outbox(topo.rank, topo.next_rank, part.out_shape, rr.device, cfg.distributed.in_flight,
+                        rr.ctx.bandwidth, rr.counters, rr.timeout)
+    tally = state.tally("by_parts")
+    hooks = _stage_hooks(rr, part, trainer, grad_hook, outbox, tally, on_eval)
+    chain = Chain([trainer], "pipeline", cfg.train.by_parts_epochs)
+    with guard(f"the gradient average of stage {topo.stage}", rr.timeout):
+        run_loop(chain, stream, tally, hooks, "by_parts", cfg.train.log_every,
+                 on_time=lambda s: setattr(state, "train_seconds", state.train_seconds + s))
+    if outbox is not None:
+        outbox.close()
+    tally.skipped = trainer.skipped
+    state.comm["stage_allreduce_bytes"] = grad_hook.bytes if grad_hook else 0
+    return trainer
 
-    def on_train(msg: Message, report: StageReport) -> None:
-        if store is not None and is_checkpoint_step(msg.step, steps_per_epoch, cfg.checkpoint.every_steps):
-            sent = asdict(counters)
+
+def _stage_hooks(rr: RankRun, part, trainer, grad_hook, outbox, tally: Tally, on_eval) -> Hooks:
+    topo, state = rr.topo, rr.state
+    saver = rr.saver()
+
+    def stepped(msg: Message) -> None:
+        state.step = msg.step
+        if is_checkpoint_step(msg.step, rr.steps_per_epoch, rr.cfg.checkpoint.every_steps):
+            state.comm["stage_allreduce_bytes"] = grad_hook.bytes if grad_hook else 0
+            sent = asdict(rr.counters)
             if outbox is not None:  # a queued message counts: the resumed run starts after it
                 sent.update(forward_bytes=outbox.queued_bytes, forward_messages=outbox.queued_messages)
-            store.save(msg.step, "by_parts", {
-                "kind": "by_parts", "world": topo.world, "stages": topo.stages, "config": cfg.to_dict(),
-                "part": part.state_dict(), "trainer": trainer.state_dict(), "report": asdict(report),
-                "counters": sent, "allreduce_bytes": grad_hook.bytes if grad_hook else 0,
-                "metrics_bytes": log.tell() if log else 0, "rng": rng_state(device),
-            }, kind="by_parts", world=topo.world, stages=topo.stages, bad_in_a_row=trainer.bad_in_a_row)
-        ctx.after_step(msg.step)
+            saver.save(state, [part], [trainer], counters=sent)
 
-    with guard(f"the gradient average of stage {topo.stage}", cfg.distributed.timeout_s):
-        run_stage(report, trainer, messages, outbox, t.log_every, on_eval, on_train)
-    report.allreduce_bytes = grad_hook.bytes if grad_hook else 0
-    return report, trainer
+    def evaluated(msg: Message, means: list[float]) -> None:
+        record = {"epoch": msg.epoch + 1, "step": msg.step, "prefix_bpd": means[-1],
+                  "seconds": state.train_seconds, "busy_seconds": tally.busy_seconds}
+        state.evals.append(record)
+        if on_eval:
+            on_eval(record)
+
+    def send(msg: Message, out) -> None:
+        outbox.send(msg.kind, msg.epoch, msg.step, None if out is None else out.h, None if out is None else out.carry)
+
+    return Hooks(log=lambda r: state.records.append({**r, "busy_fraction": tally.busy_fraction}),
+                 on_eval=evaluated, after_step=[stepped, *rr.ctx.step_hooks], send=send if outbox else None,
+                 record_extra={"replica": topo.replica, "rank": topo.rank})
+
+
+def gather(rr: RankRun, trainer: PartTrainer) -> None:
+    """Every part onto every rank (and its optimiser moments, to carry on); rank 0 takes the reports."""
+    topo, cfg, state = rr.topo, rr.cfg, rr.state
+    place_whole_model(rr.run.model, rr.run.parts, rr.device)
+    with guard("gathering the parts", rr.timeout):
+        reports = gather_to_rank0({"rank": topo.rank, "stage": topo.stage, "replica": topo.replica,
+                                   "tally": asdict(state.tally("by_parts")), "records": state.records,
+                                   "evals": state.evals, "counters": asdict(rr.counters),
+                                   "allreduce_bytes": state.comm.get("stage_allreduce_bytes", 0)})
+        moved = gather_parts(rr.run, topo)
+        if cfg.train.finetune_epochs and cfg.train.finetune_optimizer == "carry":
+            rr.carried, more = gather_optimizer_states(rr.run, topo, trainer)
+            moved += more
+    if topo.rank == 0:
+        _take_reports(rr, reports, moved)
+
+
+def _take_reports(rr: RankRun, reports: list[dict], gather_bytes: int) -> None:
+    """Rank 0 logs every rank's step records and the evaluations, and keeps the by-parts figures."""
+    state, stages = rr.state, rr.topo.stages
+    for r in reports:
+        for record in r["records"]:
+            rr.log.log(record)
+    state.records, state.evals = [], []
+    for i, e in enumerate(reports[stages - 1]["evals"]):  # ranks 0..P-1 are replica 0's stages: they evaluate
+        record = {"kind": "eval", "phase": "by_parts", "epoch": e["epoch"], "test_bpd": e["prefix_bpd"],
+                  "test_prefix_bpd": [reports[s]["evals"][i]["prefix_bpd"] for s in range(stages)],
+                  "train_seconds": e["seconds"], "step": e["step"]}
+        state.history.append(record)
+        rr.log.log({**record, "wall": time.time()})
+    tally = state.tally("by_parts")
+    tally.seconds = max(r["tally"]["seconds"] for r in reports)
+    tally.test_bpd = reports[stages - 1]["tally"]["test_bpd"]
+    tally.skipped = sum(r["tally"]["skipped"] for r in reports)
+    state.train_seconds = tally.seconds
+    state.ranks = [_rank_summary(r) for r in reports]
+    state.comm = {"forward_bytes": sum(r["counters"]["forward_bytes"] for r in reports),
+                  "backward_bytes": sum(r["counters"]["backward_bytes"] for r in reports),
+                  "stage_allreduce_bytes": sum(r["allreduce_bytes"] for r in reports),
+                  "gather_bytes": gather_bytes, "finetune_allreduce_bytes": 0}
+
+
+def _rank_summary(r: dict) -> dict:
+    """One rank's line in summary.json, from what it reported after the by-parts phase."""
+    t = r["tally"]
+    return {"rank": r["rank"], "stage": r["stage"], "replica": r["replica"], "steps": t["steps"],
+            "images": t["images"], "seconds": t["seconds"], "busy_fraction": Tally(**t).busy_fraction,
+            "images_per_s": t["images"] / max(t["seconds"], 1e-9)}
+
+
+def _finetune_phase(rr: RankRun) -> Phase:
+    """Fine-tuning after the parts, or (one stage) data-parallel end-to-end training from the start."""
+    t, topo = rr.cfg.train, rr.topo
+    if topo.stages == 1:
+        return Phase("e2e", t.by_parts_epochs + t.finetune_epochs, "ddp", [])
+    return Phase("finetune", t.finetune_epochs, "e2e" if rr.cfg.distributed.finetune == "rank0" else "ddp", [])
+
+
+def _whole_trainer(rr: RankRun, ddp: bool) -> PartTrainer:
+    t, topo, device = rr.cfg.train, rr.topo, rr.device
+    lr = (t.finetune_lr or t.lr) if topo.stages > 1 else t.lr
+    whole = whole_model_part(rr.run.model)
+    if not ddp:
+        return PartTrainer(whole, lr, t, rr.run.num_dims, rr.run.n_bins, name="whole model")
+    from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
+
+    wrap = (lambda m: DDP(m, device_ids=[device.index])) if device.type == "cuda" else DDP
+    return PartTrainer(whole, lr, t, rr.run.num_dims, rr.run.n_bins, wrap=wrap, name="whole model",
+                       agree=lambda ok: agree(ok, device))
+
+
+def finetune(rr: RankRun, phase: Phase) -> None:
+    """The glued flow end to end: every rank a shard of each batch (DDP), or rank 0 alone."""
+    topo, cfg, state = rr.topo, rr.cfg, rr.state
+    ddp = phase.schedule == "ddp"
+    if not ddp:
+        with guard("handing over to rank 0", rr.timeout):
+            dist.barrier()  # the others leave now: rank 0 fine-tunes alone, with no collective left to wait for
+        if topo.rank != 0:
+            return
+    with guard("data-parallel fine-tuning" if ddp else "fine-tuning", rr.timeout):
+        if ddp:
+            rr.run.data = every_rank_agrees("loading the data", rr, rr.timeout,
+                                            lambda: rr.run.data or load_dataset(cfg.data))
+        elif rr.run.data is None:
+            rr.run.data = load_dataset(cfg.data)
+        resumed = rr.blob is not None and rr.plan[0] in FINETUNE_PHASES
+        if not resumed and not is_initialized(rr.run.model):
+            # from scratch (e2e, or no by-parts epochs): every rank initialises its ActNorms from the
+            # whole first batch, not from its own shard, so the DDP replicas start equal
+            rr.run.model.initialize(next(rr.run.train_batches().epoch(0)).to(rr.device))
+        trainer = _whole_trainer(rr, ddp)
+        if rr.carried:
+            trainer.carry_on_from(rr.carried)
+            rr.carried.clear()  # the trainer holds its own copies now
+        if resumed:
+            rr.state = state = restore(rr.blob, [rr.run.model], [trainer], rr.device)
+            if ddp:
+                _rebucket(trainer, rr.run, lambda x: _rows(x, topo.rank, topo.world), rr.device)
+        state.phase = phase.name
+        _finetune_loop(rr, phase, trainer, ddp)
+        state.tally(phase.name).skipped = trainer.skipped
+        if ddp:  # what DDP all-reduces: every gradient, every step (before the ring's 2(W-1)/W factor)
+            steps = state.step - (cfg.train.by_parts_epochs * rr.steps_per_epoch if topo.stages > 1 else 0)
+            state.comm["finetune_allreduce_bytes"] = 4 * sum(p.numel() for p in trainer.params) * steps
+
+
+def _finetune_loop(rr: RankRun, phase: Phase, trainer: PartTrainer, ddp: bool) -> None:
+    topo, cfg, state = rr.topo, rr.cfg, rr.state
+    batches, tests = rr.run.train_batches(), rr.run.test_batches()
+    shard = (lambda x: _rows(x, topo.rank, topo.world)) if ddp else (lambda x: x)
+    cover = (lambda x: _rows_cover(x, topo)) if ddp else (lambda x: x)
+    data = DataStream(lambda e, skip: (shard(x) for x in batches.epoch(e, start=skip)),
+                      lambda: (cover(x) for x in tests.epoch(0)), rr.device, rr.steps_per_epoch)
+    first_epoch = cfg.train.by_parts_epochs if topo.stages > 1 else 0
+    saver = rr.saver()
+
+    def stepped(msg: Message) -> None:
+        state.step = msg.step
+        if topo.rank == 0 and is_checkpoint_step(msg.step, rr.steps_per_epoch, cfg.checkpoint.every_steps):
+            saver.save(state, [rr.run.model], [trainer])
+
+    def pool(sums: list[float], count: int) -> tuple[list[float], int]:
+        pooled = sum_across([*sums, float(count)], rr.device)
+        return pooled[:-1], int(pooled[-1])
+
+    hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=lambda msg, means: _evaluated(rr, phase, msg, means),
+                  after_step=[stepped, *rr.ctx.step_hooks], pool=pool if ddp else None)
+    chain = Chain([trainer], "e2e", phase.epochs, first_epoch, 0, first_epoch * rr.steps_per_epoch)
+    run_loop(chain, data.phase(first_epoch, phase.epochs, state.step), state.tally(phase.name), hooks, phase.name,
+             cfg.train.log_every, on_time=lambda s: setattr(state, "train_seconds", state.train_seconds + s))
+
+
+def _evaluated(rr: RankRun, phase: Phase, msg: Message, means: list[float]) -> None:
+    record = {"kind": "eval", "phase": phase.name, "epoch": msg.epoch + 1, "test_bpd": means[-1],
+              "test_prefix_bpd": means, "train_seconds": rr.state.train_seconds, "step": msg.step}
+    rr.state.history.append(record)
+    if rr.log is None:
+        return
+    rr.log.log({**record, "wall": time.time()})
+    t = rr.cfg.train
+    if t.samples:
+        grid = rr.run.model.sample(t.samples, t.temperature, torch.Generator().manual_seed(t.seed))
+        rr.log.samples(grid, f"{phase.name}_epoch{msg.epoch + 1:03d}")
+
+
+def finish(rr: RankRun, phases: list[Phase], wall_start: float) -> dict | None:
+    """Rank 0 writes ``model.pt`` and ``summary.json``; returns the summary there, None elsewhere."""
+    topo, cfg, state = rr.topo, rr.cfg, rr.state
+    if topo.rank != 0:
+        return None
+    rr.log.close()
+    save_model(rr.out / "model.pt", rr.run.model, cfg, rr.run.n_bins)
+    final_bpd = state.history[-1]["test_bpd"] if state.history else None
+    if final_bpd is None:
+        rr.run.data = rr.run.data or load_dataset(cfg.data)
+        whole = PartTrainer(whole_model_part(rr.run.model), 1.0, cfg.train, rr.run.num_dims, rr.run.n_bins)
+        final_bpd = evaluate([whole], rr.run.test_batches(), rr.device)[-1]
+    comm = {"forward_bytes": 0, "backward_bytes": 0, "stage_allreduce_bytes": 0, "gather_bytes": 0,
+            "finetune_allreduce_bytes": 0, **state.comm}
+    result = summary(state, cfg, [ph for ph in phases if ph.epochs], final_bpd, time.perf_counter() - wall_start,
+                     rr.device, cuts=[p.steps.start for p in rr.run.parts[1:]], parts=topo.stages,
+                     skipped=sum(state.tally(ph.name).skipped for ph in phases),
+                     resumed_from=rr.plan[1] if rr.plan else None,
+                     schedule="pipeline" if topo.stages > 1 else "e2e", replicas=topo.replicas,
+                     world_size=topo.world, backend=dist.get_backend(), comm=comm, ranks=state.ranks)
+    rr.log.summary(result)
+    return result
+
+
+def train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool = False, on_eval=None,
+                    resume: bool = False) -> dict | None:
+    """Run on this rank; returns the summary on rank 0 and None elsewhere.
+
+    ``resume``: continue the run in ``out`` from its checkpoints (or start it, if it has none).
+    A run that already finished is left as it is; rank 0 returns its summary, marked
+    ``"already_finished": True``.
+    """
+    try:
+        return _train_multirank(cfg, ctx, Path(out), force, on_eval, resume)
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(diverged_hint(exc, CheckpointStore(out, ctx.topo.rank, cfg.checkpoint.keep))) from None
+
+
+def _train_multirank(cfg: Config, ctx: RankContext, out: Path, force: bool, on_eval, resume: bool) -> dict | None:
+    wall_start = time.perf_counter()
+    shape, done = agree_on_config(cfg, ctx, out, force, resume)
+    if done is not None:
+        return {**done, "already_finished": True} if ctx.topo.rank == 0 else None
+    rr = build_rank(cfg, ctx, out, shape)
+    plan_start(rr, force, resume)
+    phases = [_finetune_phase(rr)]
+    if rr.topo.stages > 1:
+        phases.insert(0, Phase("by_parts", cfg.train.by_parts_epochs, "pipeline", []))
+        if cfg.train.by_parts_epochs and not (rr.plan and rr.plan[0] in FINETUNE_PHASES):
+            trainer = by_parts(rr, on_eval)
+            gather(rr, trainer)
+    place_whole_model(rr.run.model, rr.run.parts, rr.device)  # (a no-op unless the by-parts phase was skipped)
+    if phases[-1].epochs:
+        finetune(rr, phases[-1])
+    if phases[-1].schedule == "ddp" or not phases[-1].epochs:
+        with guard("leaving together", rr.timeout):
+            dist.barrier()  # leave together: tearing down while a peer still talks can abort it
+    return finish(rr, phases, wall_start)
 
 
 def gather_optimizer_states(run: Run, topo: Topology, trainer: PartTrainer) -> tuple[dict, int]:
@@ -317,271 +613,6 @@ def gather_parts(run: Run, topo: Topology) -> int:
     return moved
 
 
-def train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool = False, on_eval=None,
-                    resume: bool = False) -> dict | None:
-    """Run on this rank; returns the summary on rank 0 and None elsewhere.
-
-    ``resume``: continue the run in ``out`` from its checkpoints (or start it, if it has none).
-    A run that already finished is left as it is; rank 0 returns its summary, marked
-    ``"already_finished": True``.
-    """
-    try:
-        return _train_multirank(cfg, ctx, out, force, on_eval, resume)
-    except TrainingDiverged as exc:
-        raise TrainingDiverged(diverged_hint(exc, CheckpointStore(out, ctx.topo.rank, cfg.checkpoint.keep))) from None
-
-
-def _train_multirank(cfg: Config, ctx: RankContext, out: str | Path, force: bool, on_eval, resume: bool) -> dict | None:
-    topo, device = ctx.topo, ctx.device
-    t = cfg.train
-    timeout = cfg.distributed.timeout_s
-    wall_start = time.perf_counter()
-    error = None
-    try:
-        check_run_dir(out, force=force, resume=resume)
-        if resume and topo.rank == 0:
-            check_same_run(out, cfg)
-        if t.batch_size % topo.world and cfg.distributed.finetune == "ddp" and (t.finetune_epochs or topo.stages == 1):
-            raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of the {topo.world} processes "
-                            "for data-parallel fine-tuning")
-        if t.batch_size % topo.replicas:
-            raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of the {topo.replicas} replicas")
-        shape = dataset_shape(cfg.data)
-    except UserError as exc:
-        error = exc
-    with guard("checking the config", timeout):
-        _agreed(error, device, "checking the config")
-        dist.barrier()  # every rank has checked the output directory before rank 0 writes into it
-        done = broadcast_object(finished_summary(out) if resume and topo.rank == 0 else None)
-    if done is not None:
-        return {**done, "already_finished": True} if topo.rank == 0 else None
-
-    model = build_model(cfg, shape)
-    parts = build_parts(cfg, model, topo.stages) if topo.stages > 1 else [whole_model_part(model)]
-    place_own_part(model, parts, topo.stage if topo.stages > 1 else None, device)
-    run = Run(cfg, None, model, parts, 0)
-    if topo.is_first:
-        try:
-            run.data = load_dataset(cfg.data)
-        except UserError as exc:
-            error = exc
-    with guard("loading the data", timeout):
-        _agreed(error, device, "loading the data")
-        # stage 0 knows the data's levels and batches per epoch; tell the others
-        known = torch.tensor([n_bins(run.data, cfg.data.n_bits), len(run.train_batches())] if run.data else [0, 0],
-                             device=device)
-        dist.all_reduce(known, op=dist.ReduceOp.MAX)
-    run.n_bins, steps_per_epoch = (int(v) for v in known.tolist())
-    by_parts_steps = t.by_parts_epochs * steps_per_epoch if topo.stages > 1 else 0
-
-    # --- where to start: from scratch, or from checkpoints -----------------------------------
-    store = CheckpointStore(out, topo.rank, cfg.checkpoint.keep)
-    plan, state = None, None
-    try:
-        check_keep(cfg, topo, steps_per_epoch)
-        entries = store.entries() if resume else []
-    except UserError as exc:
-        error, entries = exc, []
-    with guard("agreeing where to resume", timeout):
-        _agreed(error, device, "checking the checkpoints")
-        if resume:
-            try:
-                plan = plan_resume(gather_all(entries), topo)
-            except UserError as exc:
-                error = exc
-            _agreed(error, device, "planning the resume")
-        if plan is not None:
-            phase, step = plan
-            if phase == "by_parts" or topo.rank == 0:
-                try:
-                    state = store.load(step, cfg)
-                except UserError as exc:
-                    error = exc
-            _agreed(error, device, "reading the checkpoints")
-            if phase in FINETUNE_PHASES and (cfg.distributed.finetune == "ddp" or topo.stages == 1):
-                state = broadcast_object(state)  # every DDP rank continues from rank 0's checkpoint
-
-    log = None
-    if topo.rank == 0:
-        log = RunLog(prepare_run_dir(out, force=force, resume=resume), cfg,
-                     metrics_bytes=state["metrics_bytes"] if state else (0 if resume else None))
-    if resume:
-        store.discard_after(plan[1] if plan else 0)
-    with guard("preparing the run directory", timeout):
-        dist.barrier()  # rank 0 has cleared (--force) the directory before any rank saves into it
-
-    progress = Progress()
-    counters = Counters()
-    summary_phases: dict[str, dict] = {}
-    reports = None
-    gather_bytes = 0
-    resumed_finetune = plan is not None and plan[0] == "finetune"
-    carried: dict = {}  # the parts' optimiser states, for fine-tuning to carry on from
-
-    if topo.stages > 1 and t.by_parts_epochs and not resumed_finetune:
-        report, trainer = by_parts_phase(run, ctx, counters, on_eval, state, store, log, steps_per_epoch)
-        place_whole_model(model, parts, device)
-        with guard("gathering the parts", timeout):
-            reports = gather_to_rank0({"report": asdict(report), "busy_fraction": report.busy_fraction,
-                                       "allreduce_bytes": report.allreduce_bytes, "counters": asdict(counters),
-                                       "skipped": trainer.skipped})
-            gather_bytes = gather_parts(run, topo)
-            if t.finetune_epochs and t.finetune_optimizer == "carry":
-                carried, moved = gather_optimizer_states(run, topo, trainer)
-                gather_bytes += moved
-        progress.epochs_done = t.by_parts_epochs
-        progress.global_step = report.steps
-        if topo.rank == 0:
-            phase_seconds = max(r["report"]["seconds"] for r in reports)
-            progress.train_seconds += phase_seconds
-            last = reports[topo.stages - 1]["report"]
-            for r in reports:
-                for record in r["report"]["records"]:
-                    log.log(record)
-            for i, e in enumerate(last["evals"]):  # ranks 0..P-1 are replica 0's stages, which evaluate
-                prefix = [reports[s]["report"]["evals"][i]["prefix_bpd"] for s in range(topo.stages)]
-                record = {"kind": "eval", "phase": "by_parts", "epoch": e["epoch"], "test_bpd": e["prefix_bpd"],
-                          "test_prefix_bpd": prefix, "train_seconds": e["seconds"], "step": e["step"]}
-                progress.history.append(record)
-                log.log({**record, "wall": time.time()})
-            summary_phases["by_parts"] = {"epochs": t.by_parts_epochs, "seconds": phase_seconds, "schedule": "pipeline",
-                                          "test_bpd": last["evals"][-1]["prefix_bpd"] if last["evals"] else None}
-    elif resumed_finetune and state is not None:  # (in rank0 mode the other ranks have nothing left to do)
-        try:
-            model.load_state_dict(state["model"])  # (copied onto the device below)
-        except RuntimeError as exc:
-            raise UserError(f"the checkpoint of step {state['step']} does not fit this run: "
-                            f"{str(exc).splitlines()[0]}") from None
-        for key, value in state["progress"].items():
-            setattr(progress, key, value)
-        reports, summary_phases, gather_bytes = state["reports"], state["summary_phases"], state["gather_bytes"]
-        set_rng_state(state["rng"], device)
-
-    place_whole_model(model, parts, device)  # (a no-op unless the by-parts phase was skipped)
-
-    # fine-tuning (or, with one stage, end-to-end data-parallel training from the start)
-    ft_epochs = t.finetune_epochs if topo.stages > 1 else t.by_parts_epochs + t.finetune_epochs
-    ft_name = "finetune" if topo.stages > 1 else "e2e"
-    mode = cfg.distributed.finetune if topo.stages > 1 else "ddp"
-    finetune_bytes = 0
-    ft_skipped = 0
-    if ft_epochs and mode == "rank0":
-        with guard("handing over to rank 0", timeout):
-            dist.barrier()  # the others leave now: rank 0 fine-tunes alone, with no collective left to wait for
-    if ft_epochs and (mode == "ddp" or topo.rank == 0):
-        with guard("data-parallel fine-tuning" if mode == "ddp" else "fine-tuning", timeout):
-            if mode == "ddp":
-                _load_data(run, device)
-            elif run.data is None:
-                run.data = load_dataset(cfg.data)
-            if not resumed_finetune and not is_initialized(model):
-                # from scratch (e2e, or no by-parts epochs): every rank initialises its ActNorms from the
-                # whole first batch, not from its own shard, so the DDP replicas start equal
-                model.initialize(next(run.train_batches().epoch(0)).to(device))
-            lr = (t.finetune_lr or t.lr) if topo.stages > 1 else t.lr
-            whole = whole_model_part(model)
-            if mode == "ddp":
-                from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
-
-                wrap = (lambda m: DDP(m, device_ids=[device.index])) if device.type == "cuda" else DDP
-                trainer = PartTrainer(whole, lr, t, run.num_dims, run.n_bins, wrap=wrap, name="whole model",
-                                      agree=lambda ok: agree(ok, device))
-
-                def shard(x):
-                    return _rows(x, topo.rank, topo.world)
-
-                def evaluate_fn(trainers, tests, dev):
-                    totals, count = evaluation_sums(trainers, tests, dev, shard=lambda x: _rows_cover(x, topo))
-                    pooled = sum_across([*totals, float(count)], dev)
-                    return [v / max(pooled[-1], 1) for v in pooled[:-1]]
-            else:
-                trainer = PartTrainer(whole, lr, t, run.num_dims, run.n_bins, name="whole model")
-                shard, evaluate_fn = None, evaluate
-            if carried:
-                trainer.carry_on_from(carried)
-                carried.clear()  # the trainer holds its own copies now
-            phase = Phase(ft_name, ft_epochs, "e2e", [trainer])
-            start = (0, 0)
-            if resumed_finetune:
-                trainer.load_state_dict(state["trainer"])
-                phase.seconds, phase.test_bpd = state["phase"]["seconds"], state["phase"]["test_bpd"]
-                phase.images = state["phase"].get("images", 0)
-                start = tuple(state["position"])
-                if mode == "ddp":
-                    _rebucket(trainer, run, shard, device)
-
-            def save(epoch: int, batch: int) -> None:
-                if topo.rank != 0:
-                    return
-                store.save(progress.global_step, ft_name, {
-                    "kind": ft_name, "world": topo.world, "stages": topo.stages, "config": cfg.to_dict(),
-                    "model": model.state_dict(), "trainer": trainer.state_dict(),
-                    "phase": {"seconds": phase.seconds, "test_bpd": phase.test_bpd, "images": phase.images},
-                    "progress": asdict(progress),
-                    "position": [epoch, batch], "reports": reports, "summary_phases": summary_phases,
-                    "gather_bytes": gather_bytes, "metrics_bytes": log.tell(), "rng": rng_state(device),
-                }, kind=ft_name, world=topo.world, stages=topo.stages, bad_in_a_row=trainer.bad_in_a_row)
-
-            run_phase(phase, run, device, log, progress, shard=shard, evaluate_fn=evaluate_fn, start=start,
-                      checkpoint=save, after_step=ctx.after_step)
-            if mode == "ddp":
-                # what DDP all-reduces: every gradient, every step (before the ring's 2(W-1)/W factor)
-                steps = progress.global_step - by_parts_steps
-                finetune_bytes = 4 * sum(p.numel() for p in whole.parameters()) * steps
-        ft_skipped = trainer.skipped
-        summary_phases[ft_name] = {"epochs": ft_epochs, "seconds": phase.seconds,
-                                   "schedule": "e2e" if mode == "rank0" else "ddp", "test_bpd": phase.test_bpd,
-                                   "images_per_process": phase.images}  # rank 0's: with DDP, its shards
-    if mode == "ddp" or not ft_epochs:
-        with guard("leaving together", timeout):
-            dist.barrier()  # leave together: tearing down while a peer still talks can abort it
-
-    if topo.rank != 0:
-        return None
-    if log is not None:
-        log.close()
-    save_model(Path(out) / "model.pt", model, cfg, run.n_bins)
-    final_bpd = progress.history[-1]["test_bpd"] if progress.history else None
-    if final_bpd is None:
-        if run.data is None:
-            run.data = load_dataset(cfg.data)
-        final_bpd = evaluate([PartTrainer(whole_model_part(model), 1.0, t, run.num_dims, run.n_bins)],
-                             run.test_batches(), device)[-1]
-    forward = sum(r["counters"]["forward_bytes"] for r in reports) if reports else 0
-    backward = sum(r["counters"]["backward_bytes"] for r in reports) if reports else 0
-    summary = {
-        "test_bpd": final_bpd,
-        "wall_seconds": time.perf_counter() - wall_start,
-        "train_seconds": progress.train_seconds,
-        "steps": progress.global_step,
-        "schedule": "pipeline" if topo.stages > 1 else "e2e",
-        "parts": topo.stages,
-        "replicas": topo.replicas,
-        "world_size": topo.world,
-        "backend": dist.get_backend(),
-        "device": str(device),
-        "cuts": [p.steps.start for p in parts[1:]],
-        "skipped_steps": (sum(r["skipped"] for r in reports) if reports else 0) + ft_skipped,
-        "phases": summary_phases,
-        "comm": {"forward_bytes": forward, "backward_bytes": backward,
-                 "stage_allreduce_bytes": sum(r["allreduce_bytes"] for r in reports) if reports else 0,
-                 "gather_bytes": gather_bytes, "finetune_allreduce_bytes": finetune_bytes},
-        "ranks": [_rank_summary(r) for r in reports or []],
-        "history": progress.history,
-        "resumed_from_step": plan[1] if plan else None,
-    }
-    log.summary(summary)
-    return summary
-
-
-def _rank_summary(r: dict) -> dict:
-    """One rank's line in summary.json, from what it reported after the by-parts phase."""
-    rep = r["report"]
-    return {"rank": rep["rank"], "stage": rep["stage"], "replica": rep["replica"], "steps": rep["steps"],
-            "images": rep["images"], "seconds": rep["seconds"], "busy_fraction": r["busy_fraction"],
-            "images_per_s": rep["images"] / max(rep["seconds"], 1e-9)}
-
-
 def _rebucket(trainer: PartTrainer, run: Run, shard, device: torch.device) -> None:
     """One forward and backward pass that changes nothing, so that DDP re-buckets as the interrupted run had.
 
@@ -595,8 +626,3 @@ def _rebucket(trainer: PartTrainer, run: Run, shard, device: torch.device) -> No
     out.loss.backward()
     trainer.optimizer.zero_grad(set_to_none=True)
 
-
-def _rows_cover(x: torch.Tensor, topo: Topology) -> torch.Tensor:
-    """This rank's rows of a test batch; unlike training shards, the slices cover every row."""
-    bounds = [len(x) * i // topo.world for i in range(topo.world + 1)]
-    return x[bounds[topo.rank] : bounds[topo.rank + 1]]

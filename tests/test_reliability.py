@@ -202,7 +202,7 @@ def test_resume_plan_is_the_newest_step_every_rank_has():
     topo = Topology(0, 3, 3)
 
     def entries(steps, phase="by_parts", world=3, stages=3):
-        return [{"step": s, "phase": phase, "world": world, "stages": stages} for s in steps]
+        return [{"step": s, "phase": phase, "entry": "launch", "world": world, "stages": stages} for s in steps]
 
     assert plan_resume([entries([8, 10, 12]), entries([6, 8, 10]), entries([4, 6, 8])], topo) == ("by_parts", 8)
     finetuned = [entries([12]) + entries([14], "finetune"), entries([12]), entries([12])]
@@ -213,7 +213,7 @@ def test_resume_plan_is_the_newest_step_every_rank_has():
     with pytest.raises(UserError, match="written by 2 processes running 2 parts, not 3 running 3"):
         plan_resume([entries([2], world=2, stages=2)] * 3, topo)
     with pytest.raises(UserError, match="written by `pipeflow train` on one device"):
-        plan_resume([[{"step": 2, "phase": "by_parts", "kind": "single", "world": 1}], [], []], topo)
+        plan_resume([[{"step": 2, "phase": "by_parts", "entry": "train", "world": 1}], [], []], topo)
 
 
 # --- numerical guards ----------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_one_device_resumes_to_the_uninterrupted_parameters(tmp_path, tiny_cfg, 
         train(tiny_cfg, out, after_step=crash_after(crash_at))
     assert not (out / "summary.json").exists()
     summary = train(tiny_cfg, out, resume=True)
-    assert summary["resumed_from_step"] == {2: 2, 3: 2, 5: 4, 8: 8}[crash_at]
+    assert summary["resumed_from_step"] == {2: 2, 3: 3, 5: 4, 8: 8}[crash_at]  # epoch ends checkpoint too
     assert states_equal(out, reference_run) == 0.0
     assert comparable_metrics(out) == comparable_metrics(reference_run)
     reference = json.loads((reference_run / "summary.json").read_text())
@@ -323,8 +323,9 @@ def test_checkpoints_are_kept_per_rank_with_a_manifest(reference_run, tiny_cfg):
     assert steps == [6, 8, 9]
     assert sorted(p.name for p in folder.glob("*.pt")) == [e["file"] for e in manifest["checkpoints"]]
     blob = torch.load(folder / "step-000000008.pt", weights_only=True)
-    assert blob["step"] == 8 and blob["position"] == [1, 0, 2] and blob["config"] == tiny_cfg.to_dict()
-    assert {"model", "parts", "trainers", "progress", "rng", "metrics_bytes"} <= blob.keys()
+    assert blob["step"] == 8 and blob["phase"] == "finetune" and blob["config"] == tiny_cfg.to_dict()
+    assert blob["run"]["step"] == 8 and blob["run"]["phase"] == "finetune" and blob["entry"] == "train"
+    assert {"modules", "trainers", "run", "rng", "metrics_bytes"} <= blob.keys()
 
 
 def test_divergence_stops_with_the_last_good_checkpoint_and_resumes_from_it(tmp_path, tiny_cfg, reference_run,

@@ -116,7 +116,7 @@ def test_alternate_step_trains_exactly_one_part(tiny_config):
     cfg = with_overrides(tiny_config, ["train.schedule=alternate", "train.alternate_every=1", "parts.count=3",
                                        "model.steps=3", "train.warmup_steps=0", "train.steps_per_epoch=0"])
     run = build_run(cfg)
-    trainers = make_phases(run, torch.device("cpu"))[0].trainers
+    trainers = make_phases(run)[0].trainers
     assert len(trainers) == 3
     batches = run.train_batches().epoch(0)
     with torch.no_grad():  # the ActNorms' data-dependent init, as train() does it
@@ -131,7 +131,7 @@ def test_alternate_step_trains_exactly_one_part(tiny_config):
         active = active_parts("alternate", 3, 0, g, 1, 1)
         assert active == [g % 3]
         before = snapshot()
-        results = train_step(trainers, active, next(batches))
+        _, results = train_step(trainers, active, next(batches))
         assert [k for k, _, _ in results] == active
         after = snapshot()
         for k in range(3):
@@ -159,7 +159,7 @@ def _after_one_more_step(tiny_config, fine_tune: str | None):
     cfg = with_overrides(tiny_config, ["train.schedule=pipeline", "train.warmup_steps=2", "train.grad_clip=0",
                                        f"train.finetune_optimizer={fine_tune or 'carry'}"])
     run = build_run(cfg)
-    by_parts, finetune = make_phases(run, torch.device("cpu"))
+    by_parts, finetune = make_phases(run)
     batches = list(run.train_batches().epoch(0)) + list(run.train_batches().epoch(1))
     with torch.no_grad():
         run.model.initialize(batches[0])
@@ -176,7 +176,7 @@ def _after_one_more_step(tiny_config, fine_tune: str | None):
 
 def test_fine_tuning_warms_up_again_unless_every_parameter_carries_on(tiny_config):
     run = build_run(with_overrides(tiny_config, ["train.schedule=pipeline"]))
-    by_parts, finetune = make_phases(run, torch.device("cpu"))
+    by_parts, finetune = make_phases(run)
     with torch.no_grad():
         run.model.initialize(next(run.train_batches().epoch(0)))
     train_step(by_parts.trainers, [0], next(run.train_batches().epoch(0)))  # only part 0 has trained
@@ -214,7 +214,7 @@ def test_fine_tuning_carries_the_parts_optimiser_on(tiny_config):
 def test_warm_up_is_linear_in_each_optimisers_own_updates(tiny_config):
     cfg = with_overrides(tiny_config, ["train.schedule=e2e", "train.warmup_steps=4", "train.lr=1e-3"])
     run = build_run(cfg)
-    (phase,) = make_phases(run, torch.device("cpu"))
+    (phase,) = make_phases(run)
     trainer = phase.trainers[0]
     x = next(run.train_batches().epoch(0))
     seen = []
@@ -229,7 +229,7 @@ def test_gradients_are_clipped_to_grad_clip(tiny_config):
     for clip in (0.0, 1e-3):
         cfg = with_overrides(tiny_config, ["train.schedule=e2e", f"train.grad_clip={clip}"])
         run = build_run(cfg)
-        (phase,) = make_phases(run, torch.device("cpu"))
+        (phase,) = make_phases(run)
         x = next(run.train_batches().epoch(0)) if x is None else x
         train_step(phase.trainers, [0], x)
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in phase.trainers[0].params]))
@@ -241,7 +241,7 @@ def test_gradients_are_clipped_to_grad_clip(tiny_config):
 
 def test_adamax_is_used_when_asked(tiny_config):
     run = build_run(with_overrides(tiny_config, ["train.optimizer=adamax"]))
-    by_parts, finetune = make_phases(run, torch.device("cpu"))
+    by_parts, finetune = make_phases(run)
     x = next(run.train_batches().epoch(0))
     train_step(by_parts.trainers, [0, 1], x)
     for trainer in [*by_parts.trainers, *finetune.trainers]:
@@ -254,7 +254,7 @@ def test_part_and_finetune_learning_rates_reach_their_optimisers(tiny_config):
     cfg = with_overrides(tiny_config, ["train.schedule=pipeline", "train.warmup_steps=0",
                                        "train.part_lrs=[1e-3, 1e-5]", "train.finetune_lr=2e-4"])
     run = build_run(cfg)
-    by_parts, finetune = make_phases(run, torch.device("cpu"))
+    by_parts, finetune = make_phases(run)
     with torch.no_grad():
         run.model.initialize(next(run.train_batches().epoch(0)))
 
@@ -270,7 +270,7 @@ def test_part_and_finetune_learning_rates_reach_their_optimisers(tiny_config):
     assert moved == pytest.approx([1e-3, 1e-5], rel=2e-2)  # (float32 parameters near 1 round a 1e-5 step)
     cfg_fresh = with_overrides(cfg, ["train.finetune_optimizer=fresh"])
     run = build_run(cfg_fresh)
-    _, finetune = make_phases(run, torch.device("cpu"))
+    _, finetune = make_phases(run)
     with torch.no_grad():
         run.model.initialize(next(run.train_batches().epoch(0)))
     (moved,) = largest_move(finetune.trainers, lambda: train_step(finetune.trainers, [0], x))

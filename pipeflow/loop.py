@@ -1,0 +1,251 @@
+"""The one training loop. Every phase of every mode is this loop over a stream of messages:
+
+    for message in stream:        from the data (one device, stage 0) or from the stage before
+        INIT      forward only: every ActNorm initialises from the first batch
+        TRAIN     one step of the local chain of parts, each on the detached output of the one before
+        EVAL      forward only: sum the prefix bits/dim after each local part
+        EVAL_END  the test set is done: hand the means to ``hooks.on_eval``
+        STOP      the phase is over
+        then pass the chain's output on, when there is a stage after this one
+
+What differs between modes is only what the loop is given: one device holds every part
+and reads the data; a pipeline stage holds one part, reads an inbox and writes an outbox;
+a data-parallel replica holds the whole model (wrapped in DDP) and reads its shard of each
+batch. Checkpoints, logs, clocks and injected faults come in through :class:`Hooks`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from pipeflow.distributed.transport import EVAL, EVAL_END, INIT, STOP, TRAIN, Inbox, Message
+from pipeflow.objective import PartOutput
+from pipeflow.part_trainer import PartTrainer
+from pipeflow.schedules import active_parts
+
+
+def train_step(trainers: Sequence[PartTrainer], active: Sequence[int], h: torch.Tensor,
+               carry: torch.Tensor | None = None) -> tuple[PartOutput | None, list[tuple[int, float, float]]]:
+    """One step of a chain of parts: train the ``active`` ones, run the others before them forward only.
+
+    Returns the last output computed and ``(part, loss, mean prefix bits/dim)`` per trained part
+    (``part`` counts in the chain). Parts after the last active one are not run at all.
+    """
+    carry = torch.zeros(len(h), device=h.device) if carry is None else carry
+    results, out = [], None
+    for k in range(max(active) + 1):
+        if k in active:
+            out, loss = trainers[k].train_step(h, carry)
+            results.append((k, loss, float(out.prefix_bpd.mean())))
+        else:
+            out = trainers[k].forward(h, carry)
+        h, carry = out.h, out.carry
+    return out, results
+
+
+def forward_chain(trainers: Sequence[PartTrainer], h: torch.Tensor, carry: torch.Tensor) -> list[PartOutput]:
+    """Every part forward only, in order; the output after each."""
+    outs = []
+    for trainer in trainers:
+        out = trainer.forward(h, carry)
+        outs.append(out)
+        h, carry = out.h, out.carry
+    return outs
+
+
+@dataclass
+class Tally:
+    """What one process did in one phase: steps, images, and where its time went."""
+
+    steps: int = 0
+    images: int = 0  # training images this process saw (its shard of each batch, with DDP)
+    seconds: float = 0.0  # training time: waiting included, evaluation and checkpoint writes not
+    busy_seconds: float = 0.0  # inside the parts' forward, backward and update
+    test_bpd: float | None = None  # after the phase's latest evaluation (of the last local part)
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient (counted at the phase's end)
+
+    @property
+    def busy_fraction(self) -> float:
+        return self.busy_seconds / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Chain:
+    """The parts this process trains, in flow order, and which of them train on a step."""
+
+    trainers: list[PartTrainer]
+    schedule: str = "pipeline"  # see pipeflow.schedules
+    epochs: int = 1  # of the phase, for ``sequential``
+    first_epoch: int = 0  # the phase's first epoch in the whole run
+    alternate_every: int = 0
+    first_step: int = 0  # steps the run had done before this phase
+
+    def active(self, msg: Message) -> list[int]:
+        return active_parts(self.schedule, len(self.trainers), msg.epoch - self.first_epoch,
+                            msg.step - 1 - self.first_step, self.epochs, self.alternate_every)
+
+    def index(self, k: int) -> int:
+        """Part ``k`` of the chain as the model counts its parts."""
+        return getattr(self.trainers[k].part, "index", k)
+
+
+@dataclass
+class Hooks:
+    """What a mode adds to the loop. Every hook is optional."""
+
+    log: Callable[[dict], None] | None = None  # a step record due for the log (every log_every updates per part)
+    on_step: Callable[[dict], None] | None = None  # every step record (progress display)
+    on_eval: Callable[[Message, list[float]], None] | None = None  # mean prefix bits/dim after each local part
+    after_step: list[Callable[[Message], None]] = field(default_factory=list)  # checkpoints, faults
+    pool: Callable[[list[float], int], tuple[list[float], int]] | None = None  # sum evaluation over replicas
+    send: Callable[[Message, PartOutput | None], None] | None = None  # to the next stage
+    record_extra: dict = field(default_factory=dict)  # fields every step record carries (rank, replica)
+
+
+class _Clock:
+    """Training seconds into a tally, with evaluation and hook time left out."""
+
+    def __init__(self, tally: Tally, on_time: Callable[[float], None] | None):
+        self.tally, self.on_time = tally, on_time
+        self.mark = time.perf_counter()
+
+    def count(self) -> float:
+        now = time.perf_counter()
+        self.tally.seconds += now - self.mark
+        if self.on_time:
+            self.on_time(now - self.mark)
+        self.mark = now
+        return now
+
+    def skip(self) -> None:
+        self.mark = time.perf_counter()
+
+
+def run_loop(chain: Chain, stream: Iterable[Message], tally: Tally, hooks: Hooks, phase: str,
+             log_every: int = 10, on_time: Callable[[float], None] | None = None) -> None:
+    """Drive ``chain`` through one phase's ``stream``; see the module's docstring."""
+    clock = _Clock(tally, on_time)
+    sums, count = [0.0] * len(chain.trainers), 0
+    for msg in stream:
+        out = None
+        if msg.kind == TRAIN:
+            out, records = _train(chain, msg, tally, phase)
+            clock.count()
+            _emit(chain, records, hooks, log_every)
+        elif msg.kind in (INIT, EVAL):
+            if msg.kind == EVAL and count == 0:
+                clock.count()  # the evaluation's time is not training time
+            outs = forward_chain(chain.trainers, msg.h, msg.carry)
+            out = outs[-1]
+            if msg.kind == EVAL:
+                sums = [s + float(o.prefix_bpd.double().sum()) for s, o in zip(sums, outs)]
+                count += msg.rows
+        elif msg.kind == EVAL_END:
+            _evaluated(msg, sums, count, tally, hooks)
+            sums, count = [0.0] * len(chain.trainers), 0
+            clock.skip()
+        if hooks.send is not None:
+            hooks.send(msg, out)
+        if msg.kind == TRAIN:
+            clock.count()  # waiting for the next stage to take the output is training time
+            for hook in hooks.after_step:
+                hook(msg)
+            clock.skip()  # a checkpoint's write is not
+        if msg.kind == STOP:
+            break
+    if count == 0:
+        clock.count()
+
+
+def _train(chain: Chain, msg: Message, tally: Tally, phase: str) -> tuple[PartOutput, list[tuple[int, dict]]]:
+    t0 = time.perf_counter()
+    out, results = train_step(chain.trainers, chain.active(msg), msg.h, msg.carry)
+    elapsed = time.perf_counter() - t0
+    tally.busy_seconds += elapsed
+    tally.steps += 1
+    tally.images += msg.rows
+    records = [(k, {"kind": "step", "phase": phase, "part": chain.index(k), "epoch": msg.epoch, "step": msg.step,
+                    "loss": loss, "prefix_bpd": bpd, "images_per_s": msg.rows / max(elapsed, 1e-9)})
+               for k, loss, bpd in results]
+    return out, records
+
+
+def _emit(chain: Chain, records: list[tuple[int, dict]], hooks: Hooks, log_every: int) -> None:
+    for k, record in records:
+        record.update(hooks.record_extra)
+        if hooks.on_step:
+            hooks.on_step(record)
+        if hooks.log and chain.trainers[k].steps % log_every == 0:  # per part: alternate must not alias
+            hooks.log({**record, "wall": time.time()})
+
+
+def _evaluated(msg: Message, sums: list[float], count: int, tally: Tally, hooks: Hooks) -> None:
+    if hooks.pool is not None:
+        sums, count = hooks.pool(sums, count)
+    means = [s / max(count, 1) for s in sums]
+    tally.test_bpd = means[-1] if means else None
+    if hooks.on_eval:
+        hooks.on_eval(msg, means)
+
+
+# --- streams -----------------------------------------------------------------------------------
+
+
+@dataclass
+class DataStream:
+    """A phase's messages made from the data: what one device and pipeline stage 0 read.
+
+    ``train_epoch(epoch, skip)`` yields that epoch's batches from batch ``skip`` on (this
+    process's rows of each); ``test_epoch()`` the test batches, or None where this process
+    does not evaluate. Epochs and steps are counted over the whole run, so that a phase's
+    batches do not depend on how the run was cut into phases.
+    """
+
+    train_epoch: Callable[[int, int], Iterable[torch.Tensor]]
+    test_epoch: Callable[[], Iterable[torch.Tensor]] | None
+    device: torch.device
+    steps_per_epoch: int
+
+    def _msg(self, kind: int, x: torch.Tensor, epoch: int, step: int) -> Message:
+        x = x.to(self.device)
+        return Message(kind, len(x), epoch, step, x, torch.zeros(len(x), device=self.device))
+
+    def _evaluation(self, epoch: int, step: int) -> Iterator[Message]:
+        if self.test_epoch is not None:
+            for x in self.test_epoch():
+                yield self._msg(EVAL, x, epoch, step)
+            yield Message(EVAL_END, 0, epoch, step)
+
+    def phase(self, first_epoch: int, epochs: int, start_step: int, init: torch.Tensor | None = None) -> Iterator[Message]:
+        """Epochs ``first_epoch .. first_epoch + epochs - 1``, resumed after global step ``start_step``.
+
+        Resuming at an epoch's end first evaluates that epoch: checkpoints are taken at
+        training steps, so none holds the evaluation that follows its step.
+        """
+        spe = self.steps_per_epoch
+        begin = max(start_step, first_epoch * spe)
+        epoch, skip = divmod(begin, spe)
+        if begin > first_epoch * spe and skip == 0:
+            yield from self._evaluation(epoch - 1, begin)
+        if init is not None:
+            yield self._msg(INIT, init, first_epoch, begin)
+        step = begin
+        for e in range(epoch, first_epoch + epochs):
+            for x in self.train_epoch(e, skip if e == epoch else 0):
+                step += 1
+                yield self._msg(TRAIN, x, e, step)
+            yield from self._evaluation(e, step)
+        yield Message(STOP, 0, first_epoch + epochs, step)
+
+
+def inbox_stream(inbox: Inbox) -> Iterator[Message]:
+    """A later pipeline stage's messages: whatever the stage before it sends, up to STOP."""
+    while True:
+        msg = inbox.recv()
+        yield msg
+        if msg.kind == STOP:
+            return
