@@ -100,6 +100,7 @@ class Hooks:
     log: Callable[[dict], None] | None = None  # a step record due for the log (every log_every updates per part)
     on_step: Callable[[dict], None] | None = None  # every step record (progress display)
     on_eval: Callable[[Message, list[float]], None] | None = None  # mean prefix bits/dim after each local part
+    before_step: list[Callable[[Message], None]] = field(default_factory=list)  # clocks (bench)
     after_step: list[Callable[[Message], None]] = field(default_factory=list)  # checkpoints, faults
     pool: Callable[[list[float], int], tuple[list[float], int]] | None = None  # sum evaluation over replicas
     send: Callable[[Message, PartOutput | None], None] | None = None  # to the next stage
@@ -133,6 +134,8 @@ def run_loop(chain: Chain, stream: Iterable[Message], tally: Tally, hooks: Hooks
     for msg in stream:
         out = None
         if msg.kind == TRAIN:
+            for hook in hooks.before_step:
+                hook(msg)
             out, records = _train(chain, msg, tally, phase)
             clock.count()
             _emit(chain, records, hooks, log_every)

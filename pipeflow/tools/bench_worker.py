@@ -6,15 +6,15 @@
 it wrote, and reads back ``rank{RANK}.json`` from the spec's ``out`` folder. Every mode
 drives the library's own training code; only the clock around it is new:
 
-* ``single`` -- one process: :func:`pipeflow.train.train_step` of a schedule (``e2e``,
-  ``alternate`` or ``pipeline``) over the parts, exactly as ``pipeflow train`` runs it.
+* ``single`` -- one process: the training loop (:mod:`pipeflow.loop`) over every part with a
+  schedule (``e2e``, ``alternate`` or ``pipeline``), exactly as ``pipeflow train`` runs it.
 * ``ddp``    -- P processes, end-to-end data-parallel: :class:`PartTrainer` of the whole
   model wrapped in DistributedDataParallel, each rank a 1/P shard of every batch (what
   ``pipeflow.launch`` does with ``train.schedule = "e2e"``). A communication hook counts
   the all-reduced bytes and, given a bandwidth, paces them (see :class:`PacedAllReduce`).
-* ``stage``  -- P processes, the forward-only pipeline: rank r holds part r only and runs
-  :func:`pipeflow.distributed.pipeline.run_stage` with the real Inbox/Outbox transport
-  (the Outbox paces forward sends to the bandwidth).
+* ``stage``  -- P processes, the forward-only pipeline: rank r holds part r only and runs the
+  same loop as a ``pipeflow.launch`` stage with the real Inbox/Outbox transport (the
+  Outbox paces forward sends to the bandwidth).
 * ``costs``  -- one process: :func:`pipeflow.tools.balance.measure_step_costs`.
 
 Memory (:class:`Memory`): the peak over the first two (warm-up) steps of CUDA allocated
@@ -43,6 +43,7 @@ import torch.distributed as dist
 from pipeflow.config import Config, from_dict
 from pipeflow.data import Batches, ImageData, load_dataset
 from pipeflow.distributed.transport import LinkPacer
+from pipeflow.loop import Chain, DataStream, Hooks, Tally, inbox_stream, run_loop
 from pipeflow.part_trainer import PartTrainer, make_optimizer
 from pipeflow.parts import Part, split_into_parts, whole_model_part
 from pipeflow.build import build_model
@@ -253,10 +254,47 @@ def _sync(device: torch.device) -> None:
 
 # ---------------------------------------------------------------- modes
 
-def run_single(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
-    from pipeflow.schedules import active_parts  # noqa: PLC0415
-    from pipeflow.train import train_step  # noqa: PLC0415
+class StepClock:
+    """The bench's only addition to the training loop: a clock around each update (hooks).
 
+    Times are ``perf_counter`` readings, one clock for every process of the machine, so the
+    ranks' timelines line up; on a GPU each reading waits for the device first.
+    """
+
+    def __init__(self, device: torch.device, memory: Memory, chain: Chain):
+        self.device, self.memory, self.chain = device, memory, chain
+        self.intervals: list[tuple[float, float]] = []
+        self.active: list[list[int]] = []
+        self._start = 0.0
+
+    def before(self, msg) -> None:
+        self.active.append(self.chain.active(msg))
+        _sync(self.device)
+        self._start = time.perf_counter()
+
+    def trained(self, record: dict) -> None:
+        if len(self.intervals) < len(self.active):  # the first trained part's record closes the step
+            _sync(self.device)
+            self.intervals.append((self._start, time.perf_counter()))
+            self.memory.step_done(len(self.intervals))
+
+    def hooks(self, **more) -> Hooks:
+        return Hooks(before_step=[self.before], on_step=self.trained, **more)
+
+    @property
+    def seconds(self) -> list[float]:
+        return [b - a for a, b in self.intervals]
+
+
+def _stream(batches: list[torch.Tensor], device: torch.device, init: bool = True,
+            rows=lambda x: x):
+    """One epoch over the bench's batches (the first one initialises the ActNorms)."""
+    timed = batches[1:]
+    data = DataStream(lambda e, skip: (rows(x) for x in timed[skip:]), None, device, len(timed))
+    return data.phase(0, 1, 0, batches[0] if init else None)
+
+
+def run_single(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
     cfg = from_dict(spec["config"])
     batches = _batches(spec)
     memory.mark_baseline()
@@ -264,26 +302,15 @@ def run_single(spec: dict, rank: int, device: torch.device, memory: Memory) -> d
     for part in parts:
         part.to(device)
     c, h, w = model.input_shape
-    with torch.no_grad():  # ActNorm init from the first batch, as `pipeflow train` does
-        x = batches[0].to(device)
-        for part in parts:
-            x = part(x)[0]
     t = cfg.train
     lrs = [t.part_lrs[k] if t.part_lrs and len(parts) > 1 else t.lr for k in range(len(parts))]
     trainers = [PartTrainer(p, lrs[k], t, c * h * w, spec["n_bins"]) for k, p in enumerate(parts)]
+    chain = Chain(trainers, spec["schedule"], epochs=1, alternate_every=1)  # alternate: turns of one step
+    clock = StepClock(device, memory, chain)
     memory.reset_peak()
-    times, actives = [], []
-    for i, x in enumerate(batches[1:]):
-        active = active_parts(spec["schedule"], len(parts), 0, i, 1, 1)  # alternate: turns of one step
-        x = x.to(device)
-        t0 = time.perf_counter()
-        train_step(trainers, active, x)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        actives.append(active)
-        memory.step_done(i + 1)
-    return {"step_seconds": times, "active": actives, "rank": rank, "stage": 0, "memory": memory.report(),
-            "skipped": sum(tr.skipped for tr in trainers)}
+    run_loop(chain, _stream(batches, device), Tally(), clock.hooks(), "bench")
+    return {"step_seconds": clock.seconds, "active": clock.active, "rank": rank, "stage": 0,
+            "memory": memory.report(), "skipped": sum(tr.skipped for tr in trainers)}
 
 
 class PacedAllReduce:
@@ -378,47 +405,27 @@ def run_ddp(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict
 
     c, h, w = model.input_shape
     trainer = PartTrainer(whole, cfg.train.lr, cfg.train, c * h * w, spec["n_bins"], wrap=wrap, name="whole model")
-    memory.reset_peak()
-    times = []
+    chain = Chain([trainer], "e2e")
+    clock = StepClock(device, memory, chain)
     rows = spec["batch"] // world
-    for i, x in enumerate(batches[1:]):
-        if i == spec["warmup"]:
+
+    def warmed_up(msg) -> None:
+        if msg.step - 1 == spec["warmup"]:
             hook.reset()
-        x = x[rank * rows : (rank + 1) * rows].to(device)
-        t0 = time.perf_counter()
-        trainer.train_step(x, torch.zeros(len(x), device=device))
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        memory.step_done(i + 1)
+
+    memory.reset_peak()
+    hooks = clock.hooks()
+    hooks.before_step.insert(0, warmed_up)
+    run_loop(chain, _stream(batches, device, init=False, rows=lambda x: x[rank * rows : (rank + 1) * rows]), Tally(),
+             hooks, "bench")
     timed = max(spec["steps"], 1)
-    return {"step_seconds": times, "rank": rank, "stage": 0, "memory": memory.report(), "skipped": trainer.skipped,
-            "allreduce_bytes_per_step": hook.payload_bytes / timed, "wire_bytes_per_step": hook.wire_bytes / timed,
-            "buckets_per_step": hook.buckets / timed, "paced_seconds": hook.paced_seconds,
-            "params": sum(p.numel() for p in whole.parameters())}
-
-
-class TimedTrainer:
-    """A stage trainer that records when each update starts and ends (perf_counter: one clock for
-    every process of the machine, so the ranks' timelines line up)."""
-
-    def __init__(self, inner: PartTrainer, device: torch.device, memory: Memory):
-        self.inner, self.device, self.memory = inner, device, memory
-        self.intervals: list[tuple[float, float]] = []
-
-    def train_step(self, h, carry):
-        t0 = time.perf_counter()
-        out = self.inner.train_step(h, carry)
-        _sync(self.device)
-        self.intervals.append((t0, time.perf_counter()))
-        self.memory.step_done(len(self.intervals))
-        return out
-
-    def forward(self, h, carry):
-        return self.inner.forward(h, carry)
+    return {"step_seconds": clock.seconds, "rank": rank, "stage": 0, "memory": memory.report(),
+            "skipped": trainer.skipped, "allreduce_bytes_per_step": hook.payload_bytes / timed,
+            "wire_bytes_per_step": hook.wire_bytes / timed, "buckets_per_step": hook.buckets / timed,
+            "paced_seconds": hook.paced_seconds, "params": sum(p.numel() for p in whole.parameters())}
 
 
 def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
-    from pipeflow.distributed.pipeline import StageReport, data_messages, inbox_messages, run_stage  # noqa: PLC0415
     from pipeflow.distributed.transport import Counters, Inbox, Outbox, open_links  # noqa: PLC0415
 
     cfg = from_dict(spec["config"])
@@ -432,29 +439,31 @@ def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) 
     del model, parts  # this rank holds its part only
     part.to(device)
     t = cfg.train
-    lr = t.part_lrs[rank] if t.part_lrs else t.lr
-    trainer = TimedTrainer(PartTrainer(part, lr, t, c * h * w, spec["n_bins"], name=f"part {rank}"), device, memory)
-    counters = Counters()
-    timeout = cfg.distributed.timeout_s
+    trainer = PartTrainer(part, t.part_lrs[rank] if t.part_lrs else t.lr, t, c * h * w, spec["n_bins"],
+                          name=f"part {rank}")
+    counters, timeout = Counters(), cfg.distributed.timeout_s
     open_links(rank, rank - 1 if rank else None, rank + 1 if rank < world - 1 else None, device, timeout)
-    if rank == 0:
-        messages = data_messages(1, lambda e: iter(batches[1:]), None, batches[0], device)
-    else:
-        messages = inbox_messages(Inbox(rank, rank - 1, part.in_shape, device, timeout))
+    stream = _stream(batches, device) if rank == 0 else inbox_stream(Inbox(rank, rank - 1, part.in_shape, device,
+                                                                           timeout))
     outbox = None
     if rank < world - 1:
         outbox = Outbox(rank, rank + 1, part.out_shape, device, cfg.distributed.in_flight, spec["bandwidth"],
                         counters, timeout)
+    chain = Chain([trainer], "pipeline")
+    clock = StepClock(device, memory, chain)
+    tally = Tally()
+    send = (lambda msg, out: outbox.send(msg.kind, msg.epoch, msg.step, None if out is None else out.h,
+                                         None if out is None else out.carry)) if outbox else None
     memory.reset_peak()
     dist.barrier()  # every rank ready: the clocks start together
-    report = StageReport(rank, rank, 0)
-    run_stage(report, trainer, messages, outbox, log_every=10**9)
-    return {"intervals": trainer.intervals, "rank": rank, "stage": rank, "memory": memory.report(),
-            "busy_seconds": report.busy_seconds, "seconds": report.seconds, "steps": report.steps,
+    run_loop(chain, stream, tally, clock.hooks(send=send), "bench")
+    if outbox is not None:
+        outbox.close()
+    return {"intervals": clock.intervals, "rank": rank, "stage": rank, "memory": memory.report(),
+            "busy_seconds": tally.busy_seconds, "seconds": tally.seconds, "steps": tally.steps,
             "forward_bytes": counters.forward_bytes, "backward_bytes": counters.backward_bytes,
             "forward_messages": counters.forward_messages, "wire_seconds": counters.wire_seconds,
-            "paced_seconds": counters.paced_seconds,
-            "params": params, "skipped": trainer.inner.skipped,
+            "paced_seconds": counters.paced_seconds, "params": params, "skipped": trainer.skipped,
             "in_shape": list(part.in_shape), "out_shape": list(part.out_shape)}
 
 
