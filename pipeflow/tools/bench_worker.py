@@ -1,10 +1,10 @@
 """One process of ``pipeflow bench``: times training steps of one configuration and reports.
 
-    python -m pipeflow.tools.bench_worker SPEC.json RANK
+    python -m torch.distributed.run --standalone --nproc_per_node=W -m pipeflow.tools.bench_worker SPEC.json
 
-``pipeflow bench`` (:mod:`pipeflow.tools.bench`) starts one such process per rank, with the spec
-it wrote, and reads back ``rank{RANK}.json`` from the spec's ``out`` folder. Every mode
-drives the library's own training code; only the clock around it is new:
+``pipeflow bench`` (:mod:`pipeflow.tools.bench`) starts W such processes through torch's launcher
+(which tells each its RANK), with the spec it wrote, and reads back ``rank{RANK}.json`` from the
+spec's ``out`` folder. Every mode drives the library's own training code; only the clock around it is new:
 
 * ``single`` -- one process: :func:`pipeflow.train.train_step` of a schedule (``e2e``,
   ``alternate`` or ``pipeline``) over the parts, exactly as ``pipeflow train`` runs it.
@@ -34,7 +34,6 @@ import sys
 import threading
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ import torch.distributed as dist
 
 from pipeflow.config import Config, from_dict
 from pipeflow.data import Batches, ImageData, load_dataset
+from pipeflow.distributed.process_group import RankEnv, choose_device, join, leave
 from pipeflow.distributed.transport import LinkPacer
 from pipeflow.part_trainer import PartTrainer, make_optimizer
 from pipeflow.parts import Part, split_into_parts, whole_model_part
@@ -238,12 +238,6 @@ def build_parts_from_cuts(cfg: Config, cuts: list[int]) -> tuple[torch.nn.Module
     if not cuts:
         return model, [whole_model_part(model)]
     return model, split_into_parts(model, "cuts", len(cuts) + 1, cuts, cfg.parts.boundary_prior)
-
-
-def _device(spec: dict, rank: int) -> torch.device:
-    if spec["device"] == "cuda":
-        return torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
-    return torch.device("cpu")
 
 
 def _sync(device: torch.device) -> None:
@@ -475,20 +469,22 @@ MODES = {"single": run_single, "ddp": run_ddp, "stage": run_stage_mode, "costs":
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One rank: its number from torch's launcher, the process group as ``pipeflow.launch`` joins it."""
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
-    rank = int(argv[1])
+    who = RankEnv.from_environ()
+    rank = who.rank
     out = Path(spec["out"]) / f"rank{rank}.json"
     torch.set_num_threads(spec["threads"])
-    device = _device(spec, rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    backend = "nccl" if spec["device"] == "cuda" else "gloo"
     distributed = spec["world"] > 1
     try:
+        if who.world != spec["world"]:
+            raise RuntimeError(f"the spec asks for {spec['world']} ranks, the launcher started {who.world}")
         if distributed:
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{spec['port']}", rank=rank,
-                                    world_size=spec["world"], timeout=timedelta(seconds=spec["timeout_s"]))
+            device = join(backend, who, spec["timeout_s"]).device
+        else:
+            device = choose_device(backend, who.local_rank)[1]
         memory = Memory(device)
         result = MODES[spec["mode"]](spec, rank, device, memory)
         result["threads"] = torch.get_num_threads()
@@ -502,8 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "rank": rank}))
         return 1
     finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        leave()
 
 
 if __name__ == "__main__":
