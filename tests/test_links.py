@@ -115,7 +115,8 @@ def test_each_link_has_its_own_group_used_by_one_thread_per_rank(tmp_path, world
         stage = rank % stages
         assert senders == (set() if stage == stages - 1 else {f"send-{rank}-to-{rank + 1}"})
         if stage:  # every message arrived in order, each payload as the previous stage made it
-            assert record["received"] == [[int(TRAIN), s, float(s + stage)] for s in range(STEPS)] + [[int(STOP), STEPS, None]]
+            expected = [[int(TRAIN), s, float(s + stage)] for s in range(STEPS)] + [[int(STOP), STEPS, None]]
+            assert record["received"] == expected
 
 
 def test_message_kinds_are_an_enum_with_their_bare_names():
