@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pipeflow-installed
 
-.PHONY: demo test clean
+.PHONY: demo test gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# On a CUDA machine: a few hundred steps of each schedule, figures under docs/benchmarks/gpu/ (<= 10 min on one H200)
+gpu-check: $(STAMP)
+	$(PY) -m pipeflow.tools.gpu_check
 
 clean:
 	rm -rf runs .pytest_cache

@@ -4,7 +4,7 @@
 
 P processes run the P parts as a forward-only pipeline; P x R processes run R replicas of
 it. On GPUs rank r uses ``cuda:LOCAL_RANK`` with NCCL; without GPUs, the CPU with gloo.
-This module is the only place that reads the environment torchrun sets.
+It joins the process group with :func:`pipeflow.distributed.process_group.join`, as the bench workers do.
 
 Exit status: 0 done; 2 bad input (the same one line on every rank, before any rank can
 hang on another); 1 a failure at run time (a silent peer, a diverged loss).
@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from pipeflow.config import load_config
+from pipeflow.distributed.process_group import RankEnv, join, leave
 from pipeflow.distributed.topology import Topology
 from pipeflow.distributed.transport import PeerSilent
 from pipeflow.errors import EXIT_USAGE, UserError
@@ -66,24 +67,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def choose_device(backend: str, local_rank: int) -> tuple[str, torch.device]:
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise UserError("distributed.backend = 'nccl' needs CUDA devices; use 'gloo' on CPUs")
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)  # before the process group: NCCL binds to the current device
-        # Without blocking waits a collective that times out is never an exception: NCCL's
-        # watchdog aborts the process instead. With them every wait raises after
-        # distributed.timeout_s, and the rank exits with one line naming the silent peer.
-        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
-        return backend, device
-    return backend, torch.device("cpu")
-
-
 def say(line: str, stream=None) -> None:
     """One whole line in one write: the lines of several ranks sharing a terminal never run together."""
     stream = stream or sys.stdout
@@ -93,36 +76,24 @@ def say(line: str, stream=None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    env = os.environ
-    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-    local_rank, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", world))
-    attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", 0))  # torchrun --max-restarts: 0 on the first attempt
+    who = RankEnv.from_environ()
+    rank, world, attempt = who.rank, who.world, who.attempt
     resume = args.resume == "auto" or attempt > 0  # a restart continues its own run
     force = args.force and attempt == 0  # ... and never clears what the first attempt saved
     try:
-        faults = parse_faults(env.get("PIPEFLOW_TEST_FAULT", ""), attempt)  # tests only
+        faults = parse_faults(os.environ.get("PIPEFLOW_TEST_FAULT", ""), attempt)  # tests only
         overrides = [*args.overrides, *([f"distributed.backend={args.backend}"] if args.backend else [])]
         cfg = load_config(args.config, overrides)
         stages = 1 if cfg.train.schedule == "e2e" else cfg.parts.count
         topo = Topology.checked(rank, world, stages)
-        backend, device = choose_device(cfg.distributed.backend, local_rank)
-        if device.type == "cpu":  # share the cores between the processes on this machine
-            torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // max(local_world, 1)))
-        elif cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        timeout = timedelta(seconds=cfg.distributed.timeout_s)
         global _group_started, _store
         _group_started = True
-        if world == 1:  # not under torchrun: a store in this process, no port to collide on
-            store = dist.HashStore()
-        else:
-            store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-        # torchrun keeps its store across restarts: a restarted attempt reading the keys of the
-        # dead one would connect to ranks that are gone; each attempt gets keys of its own
-        store = dist.PrefixStore(f"pipeflow/attempt{attempt}", store)
-        _store = store
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
-                                device_id=device if device.type == "cuda" else None)
+        membership = join(cfg.distributed.backend, who, cfg.distributed.timeout_s)
+        _store, device = membership.store, membership.device
+        if device.type == "cpu":  # share the cores between the processes on this machine
+            torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // max(who.local_world, 1)))
+        elif cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         from pipeflow.multirank import RankContext, train_multirank  # noqa: PLC0415
 
         def announce(record: dict) -> None:
@@ -142,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"[rank 0] test {summary['test_bpd']:.4f} bits/dim in {summary['wall_seconds']:.1f} s{resumed}; "
                 f"forward {summary['comm']['forward_bytes']:,} B, backward {summary['comm']['backward_bytes']} B; "
                 f"run in {args.out}")
-        dist.destroy_process_group()  # after the run's last barrier: no peer talks to this one any more
+        leave()  # after the run's last barrier: no peer talks to this one any more
         return 0
     except UserError as exc:
         say(f"pipeflow.launch: error (rank {rank}): {exc}", sys.stderr)

@@ -36,7 +36,7 @@ from pipeflow.data import dataset_shape, load_dataset, n_bins
 from pipeflow.distributed.collectives import (agree, broadcast_object, broadcast_tensors, gather_all, gather_to_rank0,
                                               gradient_averager, guard, sum_across)
 from pipeflow.distributed.topology import Topology
-from pipeflow.distributed.transport import Counters, Inbox, Message, Outbox, open_links
+from pipeflow.distributed.transport import Counters, Inbox, Links, Message, Outbox, link_groups
 from pipeflow.errors import UserError
 from pipeflow.evaluate import evaluate
 from pipeflow.faults import StreamFilter
@@ -258,27 +258,26 @@ def plan_start(rr: RankRun, force: bool, resume: bool) -> None:
         dist.barrier()  # rank 0 has cleared (--force) the directory before any rank saves into it
 
 
-def _stage_trainer(rr: RankRun):
+def _stage_trainer(rr: RankRun, links: Links):
     """This rank's part trainer; with R > 1 its replicas start equal and average their gradients."""
     topo, cfg = rr.topo, rr.cfg
     part = rr.run.parts[topo.stage]
-    groups = [dist.new_group(topo.stage_ranks(s)) for s in range(topo.stages)] if topo.replicas > 1 else None
-    grad_hook = gradient_averager(groups[topo.stage], topo.replicas) if groups else None
-    stage_agree = (lambda ok: agree(ok, rr.device, groups[topo.stage])) if groups else None
-    if groups and rr.blob is None:  # replica 0's weights, not only the same seed (LAPACK builds can differ)
+    group = links.stage
+    grad_hook = gradient_averager(group, topo.replicas) if group is not None else None
+    stage_agree = (lambda ok: agree(ok, rr.device, group)) if group is not None else None
+    if group is not None and rr.blob is None:  # replica 0's weights, not only the same seed (LAPACK can differ)
         with guard(f"the first weights of stage {topo.stage}", rr.timeout):
-            broadcast_tensors(part.state_dict().values(), src=topo.stage_ranks(topo.stage)[0],
-                              group=groups[topo.stage])
+            broadcast_tensors(part.state_dict().values(), src=topo.stage_ranks(topo.stage)[0], group=group)
     trainer = PartTrainer(part, rr.run.part_lr(topo.stage), cfg.train, rr.run.num_dims, rr.run.n_bins,
                           grad_hook=grad_hook, name=f"part {topo.stage} (rank {topo.rank})", agree=stage_agree)
     return part, trainer, grad_hook
 
 
-def _stage_stream(rr: RankRun, part: nn.Module):
+def _stage_stream(rr: RankRun, part: nn.Module, links: Links):
     """Stage 0 reads the data (its replica's rows of each batch); every later stage its inbox."""
     topo, t = rr.topo, rr.cfg.train
     if not topo.is_first:
-        return inbox_stream(Inbox(topo.rank, topo.prev_rank, part.in_shape, rr.device, rr.timeout))
+        return inbox_stream(Inbox(topo.rank, topo.prev_rank, part.in_shape, rr.device, rr.timeout, group=links.prev))
     batches = rr.run.train_batches()
     tests = rr.run.test_batches() if topo.replica == 0 else None
     data = DataStream(lambda e, skip: (_rows(x, topo.replica, topo.replicas) for x in batches.epoch(e, start=skip)),
@@ -291,21 +290,22 @@ def _stage_stream(rr: RankRun, part: nn.Module):
 def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer:
     """Train this rank's part in the forward-only pipeline; returns its trainer."""
     topo, cfg, state = rr.topo, rr.cfg, rr.state
-    part, trainer, grad_hook = _stage_trainer(rr)
+    with guard("creating the process groups", rr.timeout):
+        links = link_groups(topo, rr.timeout)  # every rank, the same order, on this (the main) thread
+    part, trainer, grad_hook = _stage_trainer(rr, links)
     if rr.blob is not None:
         rr.state = state = restore(rr.blob, [part], [trainer], rr.device)
         rr.counters = Counters(**rr.blob["counters"])
         if grad_hook is not None:
             grad_hook.bytes = state.comm.get("stage_allreduce_bytes", 0)
     state.phase = "by_parts"
-    open_links(topo.rank, topo.prev_rank, topo.next_rank, rr.device, rr.timeout)
-    stream = _stage_stream(rr, part)
+    stream = _stage_stream(rr, part, links)
     if rr.ctx.stream_filter is not None:
         stream = rr.ctx.stream_filter(stream)
     outbox = None
     if not topo.is_last:
         outbox = Outbox(topo.rank, topo.next_rank, part.out_shape, rr.device, cfg.distributed.in_flight,
-                        rr.ctx.bandwidth, rr.counters, rr.timeout)
+                        rr.ctx.bandwidth, rr.counters, rr.timeout, group=links.next)
     tally = state.tally("by_parts")
     hooks = _stage_hooks(rr, part, trainer, grad_hook, outbox, tally, on_eval)
     chain = Chain([trainer], "pipeline", cfg.train.by_parts_epochs)

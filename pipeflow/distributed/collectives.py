@@ -9,6 +9,7 @@ peer into :class:`~pipeflow.distributed.transport.PeerSilent` with one readable 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -17,9 +18,32 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from pipeflow.distributed.transport import PeerSilent, brief
 
-# what gloo and NCCL say when a peer is silent or gone
-_PEER_TROUBLE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "nccl", "gloo",
-                 "socket", "peer")
+# torch.distributed, and DDP (torch.nn.parallel), which calls it
+_TORCH_DISTRIBUTED = (Path(dist.__file__).parent, Path(torch.nn.parallel.__file__).parent)
+
+
+def _raised_by_torch_distributed(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of a torch.distributed call (its traceback passes through that package)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if any(Path(tb.tb_frame.f_code.co_filename).is_relative_to(p) for p in _TORCH_DISTRIBUTED):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def is_peer_trouble(exc: BaseException) -> bool:
+    """A timeout or a lost peer, told by the error's type or origin, never by its words.
+
+    NCCL and the stores raise torch's ``DistError`` kinds (DistBackendError on a timed-out or
+    aborted work, DistNetworkError, DistStoreError). Gloo raises a plain RuntimeError on a
+    timeout or a closed pair ("Application timeout caused pair closure"), so for gloo the cause
+    is where it came from: a RuntimeError of exactly that type raised inside torch.distributed.
+    Our own errors (PeerSilent, TrainingDiverged, ...) are never peer trouble to re-word.
+    """
+    if isinstance(exc, dist.DistError):
+        return True
+    return type(exc) is RuntimeError and _raised_by_torch_distributed(exc)
 
 
 @contextlib.contextmanager
@@ -27,15 +51,12 @@ def guard(what: str, timeout_s: float) -> Iterator[None]:
     """Run collectives; a timeout or a lost peer becomes PeerSilent naming this rank and ``what``."""
     try:
         yield
-    except (RuntimeError, dist.DistError) as exc:
-        text = str(exc)
-        # PeerSilent, TrainingDiverged, ...: ours, already clear
-        ours = type(exc) is not RuntimeError and not isinstance(exc, dist.DistError)
-        if ours or not any(word in text.lower() for word in _PEER_TROUBLE):
+    except RuntimeError as exc:
+        if not is_peer_trouble(exc):
             raise
         rank = dist.get_rank() if dist.is_initialized() else "?"
         raise PeerSilent(f"rank {rank}: {what} got no answer from every rank within {timeout_s:g} s "
-                         f"(distributed.timeout_s), or lost one: {brief(exc)}") from None
+                         f"(distributed.timeout_s), or lost one: {brief(exc)}") from exc
 
 
 def agree(ok: bool, device: torch.device, group=None) -> bool:

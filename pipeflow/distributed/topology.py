@@ -3,7 +3,8 @@
 World size is P x R: R replicas of a P-stage pipeline. Rank r is stage ``r % P`` of
 replica ``r // P``, so the ranks of one pipeline are consecutive (on one node, forward
 traffic stays inside it), and stage s of every replica forms a process group that
-averages that stage's gradients when R > 1.
+averages that stage's gradients when R > 1; each link from a stage to the next
+is a process group of its own (:meth:`Topology.links`).
 """
 
 from __future__ import annotations
@@ -59,3 +60,11 @@ class Topology:
     def stage_ranks(self, stage: int) -> list[int]:
         """The ranks holding ``stage`` in every replica."""
         return [replica * self.stages + stage for replica in range(self.replicas)]
+
+    def links(self) -> list[tuple[int, int]]:
+        """Every forward link of the world, (sender, receiver), replica by replica, in pipeline order.
+
+        Each is a process group of its own; every rank creates them in this order.
+        """
+        return [(replica * self.stages + k, replica * self.stages + k + 1)
+                for replica in range(self.replicas) for k in range(self.stages - 1)]

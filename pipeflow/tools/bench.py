@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
+import signal
 import statistics
 import subprocess
 import sys
@@ -71,12 +71,6 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _load() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -114,53 +108,57 @@ def parse_modes(text: str | None) -> list[str] | None:
 
 
 def _launch(spec: dict, world: int, work: Path, name: str, timeout_s: float) -> list[dict]:
-    """Run ``world`` worker processes on ``spec``; return each rank's result (raise on failure)."""
+    """Run ``world`` worker processes on ``spec`` under torch's own launcher; return each rank's result.
+
+    ``torch.distributed.run --standalone`` gives the workers their ranks and a rendezvous of
+    their own (no port to pick), as ``torchrun`` does for ``pipeflow.launch``; each worker's
+    output goes to ``logs/<run>/attempt_0/<rank>/``. Raises, naming the run and the rank, on failure.
+    """
     run_dir = work / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec = {**spec, "out": str(run_dir), "world": world, "port": _free_port()}
+    spec = {**spec, "out": str(run_dir), "world": world}
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     threads = str(spec["threads"])
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parent.parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    procs = []
-    for rank in range(world):
-        log = open(run_dir / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below)
-        procs.append((subprocess.Popen([sys.executable, "-m", "pipeflow.tools.bench_worker", str(spec_path), str(rank)],
-                                       stdout=log, stderr=subprocess.STDOUT, env=env), log))
-    deadline = time.monotonic() + timeout_s
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               "--redirects", "3", "--log-dir", str(run_dir / "logs"),
+               "-m", "pipeflow.tools.bench_worker", str(spec_path)]
     failed = "interrupted"
-    try:
-        for proc, _ in procs:
-            try:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                failed = f"timed out after {timeout_s:.0f} s"
-                break
-            if proc.returncode != 0:
-                failed = f"a rank exited with status {proc.returncode}"
-                break
-        else:
-            failed = None
-    finally:
-        for proc, log in procs:  # stop only the processes this run started, if anything went wrong
+    with open(run_dir / "launcher.log", "w") as log:
+        # a session of its own: on a timeout the launcher and every worker it started are ended together
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout_s)
+            failed = None if proc.returncode == 0 else f"a rank failed (the launcher exited with {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            failed = f"timed out after {timeout_s:.0f} s"
+        finally:
             if proc.poll() is None:
-                if failed:
-                    proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            log.close()
-    results = []
-    for rank in range(world):
-        path = run_dir / f"rank{rank}.json"
-        result = json.loads(path.read_text()) if path.is_file() else None
+    results = [json.loads(p.read_text()) if (p := run_dir / f"rank{rank}.json").is_file() else None
+               for rank in range(world)]
+    # the rank that failed first, then any rank left without a result (stopped because another failed)
+    for rank in sorted(range(world), key=lambda r: results[r] is None):
+        result = results[rank]
         if result is None or "error" in result:
-            detail = result["error"] if result else (run_dir / f"rank{rank}.log").read_text()[-800:].strip()
+            detail = result["error"] if result else _worker_output(run_dir, rank)
             raise RuntimeError(f"{name}, rank {rank}: {detail or failed or 'no result'}")
-        results.append(result)
     if failed:
         raise RuntimeError(f"{name}: {failed}")
     return results
+
+
+def _worker_output(run_dir: Path, rank: int) -> str:
+    """The end of what worker ``rank`` printed (or, if it never started, of what the launcher printed)."""
+    logs = sorted((run_dir / "logs").glob(f"*/attempt_0/{rank}/std*.log"))
+    text = "".join(p.read_text() for p in logs if p.is_file()).strip()
+    if not text and (run_dir / "launcher.log").is_file():
+        text = (run_dir / "launcher.log").read_text().strip()
+    return text[-800:]
 
 
 # ---------------------------------------------------------------- what each run measured

@@ -1,10 +1,10 @@
 """One process of ``pipeflow bench``: times training steps of one configuration and reports.
 
-    python -m pipeflow.tools.bench_worker SPEC.json RANK
+    python -m torch.distributed.run --standalone --nproc_per_node=W -m pipeflow.tools.bench_worker SPEC.json
 
-``pipeflow bench`` (:mod:`pipeflow.tools.bench`) starts one such process per rank, with the spec
-it wrote, and reads back ``rank{RANK}.json`` from the spec's ``out`` folder. Every mode
-drives the library's own training code; only the clock around it is new:
+``pipeflow bench`` (:mod:`pipeflow.tools.bench`) starts W such processes through torch's launcher
+(which tells each its RANK), with the spec it wrote, and reads back ``rank{RANK}.json`` from the
+spec's ``out`` folder. Every mode drives the library's own training code; only the clock around it is new:
 
 * ``single`` -- one process: the training loop (:mod:`pipeflow.loop`) over every part with a
   schedule (``e2e``, ``alternate`` or ``pipeline``), exactly as ``pipeflow train`` runs it.
@@ -34,7 +34,6 @@ import sys
 import threading
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ import torch.distributed as dist
 
 from pipeflow.config import Config, from_dict
 from pipeflow.data import Batches, ImageData, load_dataset
+from pipeflow.distributed.process_group import RankEnv, choose_device, join, leave
 from pipeflow.distributed.transport import LinkPacer
 from pipeflow.loop import Chain, DataStream, Hooks, Tally, inbox_stream, run_loop
 from pipeflow.part_trainer import PartTrainer, make_optimizer
@@ -241,12 +241,6 @@ def build_parts_from_cuts(cfg: Config, cuts: list[int]) -> tuple[torch.nn.Module
     return model, split_into_parts(model, "cuts", len(cuts) + 1, cuts, cfg.parts.boundary_prior)
 
 
-def _device(spec: dict, rank: int) -> torch.device:
-    if spec["device"] == "cuda":
-        return torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
-    return torch.device("cpu")
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -426,7 +420,8 @@ def run_ddp(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict
 
 
 def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
-    from pipeflow.distributed.transport import Counters, Inbox, Outbox, open_links  # noqa: PLC0415
+    from pipeflow.distributed.topology import Topology  # noqa: PLC0415
+    from pipeflow.distributed.transport import Counters, Inbox, Outbox, link_groups  # noqa: PLC0415
 
     cfg = from_dict(spec["config"])
     world = spec["world"]
@@ -442,13 +437,13 @@ def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) 
     trainer = PartTrainer(part, t.part_lrs[rank] if t.part_lrs else t.lr, t, c * h * w, spec["n_bins"],
                           name=f"part {rank}")
     counters, timeout = Counters(), cfg.distributed.timeout_s
-    open_links(rank, rank - 1 if rank else None, rank + 1 if rank < world - 1 else None, device, timeout)
+    links = link_groups(Topology(rank, world, world), timeout)  # the same process groups as pipeflow.launch
     stream = _stream(batches, device) if rank == 0 else inbox_stream(Inbox(rank, rank - 1, part.in_shape, device,
-                                                                           timeout))
+                                                                           timeout, group=links.prev))
     outbox = None
     if rank < world - 1:
         outbox = Outbox(rank, rank + 1, part.out_shape, device, cfg.distributed.in_flight, spec["bandwidth"],
-                        counters, timeout)
+                        counters, timeout, group=links.next)
     chain = Chain([trainer], "pipeline")
     clock = StepClock(device, memory, chain)
     tally = Tally()
@@ -484,20 +479,22 @@ MODES = {"single": run_single, "ddp": run_ddp, "stage": run_stage_mode, "costs":
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One rank: its number from torch's launcher, the process group as ``pipeflow.launch`` joins it."""
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
-    rank = int(argv[1])
+    who = RankEnv.from_environ()
+    rank = who.rank
     out = Path(spec["out"]) / f"rank{rank}.json"
     torch.set_num_threads(spec["threads"])
-    device = _device(spec, rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    backend = "nccl" if spec["device"] == "cuda" else "gloo"
     distributed = spec["world"] > 1
     try:
+        if who.world != spec["world"]:
+            raise RuntimeError(f"the spec asks for {spec['world']} ranks, the launcher started {who.world}")
         if distributed:
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{spec['port']}", rank=rank,
-                                    world_size=spec["world"], timeout=timedelta(seconds=spec["timeout_s"]))
+            device = join(backend, who, spec["timeout_s"]).device
+        else:
+            device = choose_device(backend, who.local_rank)[1]
         memory = Memory(device)
         result = MODES[spec["mode"]](spec, rank, device, memory)
         result["threads"] = torch.get_num_threads()
@@ -511,8 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "rank": rank}))
         return 1
     finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        leave()
 
 
 if __name__ == "__main__":
