@@ -164,8 +164,8 @@ def check_keep(cfg: Config, topo: Topology, steps_per_epoch: int) -> None:
 
 def plan_resume(manifests: list[list[dict]], topo: Topology) -> tuple[str, int] | None:
     """Where to resume from, given every rank's manifest: ``(phase, step)`` or None (from scratch)."""
-    for entries in manifests:
-        newest_entry_check(entries, "launch", topo.world, topo.stages)
+    for r, entries in enumerate(manifests):
+        newest_entry_check(entries, "launch", topo.world, topo.stages, f"the checkpoints of rank {r}")
     finetune = [e["step"] for e in manifests[0] if e["phase"] in FINETUNE_PHASES]
     if finetune:
         return "finetune", max(finetune)

@@ -85,7 +85,7 @@ def restore(blob: dict, modules: Sequence[nn.Module], trainers: Sequence[PartTra
     return state
 
 
-def newest_entry_check(entries: list[dict], entry: str, world: int, stages: int) -> None:
+def newest_entry_check(entries: list[dict], entry: str, world: int, stages: int, whose: str = "the checkpoints") -> None:
     """Refuse checkpoints written by the other entry point or by another number of processes or parts."""
     for e in entries:
         if e.get("entry") != entry:
@@ -96,7 +96,7 @@ def newest_entry_check(entries: list[dict], entry: str, world: int, stages: int)
             raise UserError("the checkpoints in this run directory were written by `pipeflow train` on one device: "
                             "resume them with pipeflow train --resume auto, or pass --force to start afresh")
         if (e.get("world"), e.get("stages")) != (world, stages):
-            raise UserError(f"the checkpoints were written by {e.get('world')} processes running {e.get('stages')} "
+            raise UserError(f"{whose} were written by {e.get('world')} processes running {e.get('stages')} "
                             f"parts, not {world} running {stages}: resume with the same number of processes, or pass "
                             "--force to start afresh")
 
