@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from pipeflow.errors import EXIT_USAGE, UserError
+from pipeflow.progress import make_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train Glow normalizing flows by parts: gradient-isolated pieces, one per device.")
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (defaults apply to what it leaves out).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: section.key=value (repeatable).")
@@ -99,7 +99,7 @@ def plan(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
 
     cfg = _config(config, set_)
     model = build_model(cfg, dataset_shape(cfg.data))
-    out = Console()
+    out = make_console()
     report = {}
     schemes = [cfg.parts.scheme] + [s for s in ("blocks", "across", "balanced") if s != cfg.parts.scheme]
     for scheme in schemes:
@@ -224,7 +224,7 @@ def compare(
     held = results["claim"].get("held")
     table.caption = (f"claim: {results['claim']['text']} -- "
                      f"{'held' if held else 'not held' if held is not None else 'not checked'} (alternate runs)")
-    Console().print(table)
+    make_console().print(table)
     print(f"report: {out / 'report.md'}")
 
 
@@ -280,7 +280,7 @@ def bench(
                         timeout_s=timeout, keep=keep)
     command = "pipeflow " + shlex.join(sys.argv[1:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
     report = run_bench(cfg, opts, log=None if quiet else log, command=command)
-    render(report, Console(width=max(Console().width, 160)))
+    render(report, make_console(min_width=160))
     if json_out:
         write_json(report, json_out)
         print(f"wrote {json_out}")

@@ -3,7 +3,9 @@
     torchrun --nproc_per_node=P -m pipeflow.launch --config configs/X.toml [--set k=v] [--out DIR]
 
 P processes run the P parts as a forward-only pipeline; P x R processes run R replicas of
-it. On GPUs rank r uses ``cuda:LOCAL_RANK`` with NCCL; without GPUs, the CPU with gloo.
+it. Without ``parts.count`` (in the config or ``--set``) every process holds one part: with no
+config at all, ``torchrun --nproc_per_node=3 -m pipeflow.launch`` trains the default digits
+model in 3 parts. On GPUs rank r uses ``cuda:LOCAL_RANK`` with NCCL; without GPUs, the CPU with gloo.
 It joins the process group with :func:`pipeflow.distributed.process_group.join`, as the bench workers do.
 
 Exit status: 0 done; 2 bad input (the same one line on every rank, before any rank can
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         faults = parse_faults(os.environ.get("PIPEFLOW_TEST_FAULT", ""), attempt)  # tests only
         overrides = [*args.overrides, *([f"distributed.backend={args.backend}"] if args.backend else [])]
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, processes=world)  # parts.count left out: one part per process
         stages = 1 if cfg.train.schedule == "e2e" else cfg.parts.count
         topo = Topology.checked(rank, world, stages)
         global _group_started, _store

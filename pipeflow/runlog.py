@@ -6,6 +6,8 @@
     out/model.pt        the full model (see pipeflow.checkpoint)
     out/samples/        sample grids, one per epoch
     out/checkpoints/    per-rank training checkpoints (see pipeflow.checkpoint)
+    out/events.out.tfevents.*  the same metrics and grids for TensorBoard (``tensorboard --logdir out``),
+                        written when the ``tensorboard`` package is installed (``pip install -e '.[tensorboard]'``)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pipeflow.config import Config, to_toml
 from pipeflow.errors import UserError
 
 RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "model.pt")
+EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's
 
 
 def check_run_dir(out: str | Path, force: bool = False, resume: bool = False) -> list[str]:
@@ -82,20 +85,64 @@ def prepare_run_dir(out: str | Path, force: bool = False, resume: bool = False) 
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+        for events in out.glob(EVENT_FILES):
+            events.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
+def tensorboard_writer(out: Path, purge_step: int | None = None):
+    """A TensorBoard ``SummaryWriter`` into ``out``, or None where the ``tensorboard`` package is missing.
+
+    ``purge_step``: resuming, TensorBoard hides what an earlier attempt logged from this step on
+    (the resumed run logs those steps again).
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (imports tensorboard)
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(out), purge_step=purge_step)
+
+
+def tensorboard_scalars(record: dict[str, Any]) -> list[tuple[str, float]]:
+    """The TensorBoard scalars of one ``metrics.jsonl`` record, as (tag, value).
+
+    Tags are metric/phase[/part]: a step's loss, prefix bits/dim and images/s per part; an
+    evaluation's test bits/dim and each part's test prefix bits/dim.
+    """
+    phase = record.get("phase", "run")
+    if record.get("kind") == "step":
+        pairs = [(f"{name}/{phase}/part{record.get('part', 0)}", record.get(name))
+                 for name in ("loss", "prefix_bpd", "images_per_s")]
+    elif record.get("kind") == "eval":
+        pairs = [(f"test_bpd/{phase}", record.get("test_bpd"))]
+        pairs += [(f"test_prefix_bpd/{phase}/part{k}", v) for k, v in enumerate(record.get("test_prefix_bpd") or [])]
+    else:
+        return []
+    return [(tag, float(v)) for tag, v in pairs if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _last_step(metrics: Path) -> int:
+    """The largest step recorded in ``metrics.jsonl`` (-1 if none)."""
+    steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if line.strip()]
+    return max((s for s in steps if isinstance(s, int)), default=-1)
+
+
 class RunLog:
+    """The one writer of a run's metrics: ``metrics.jsonl``, sample grids, ``summary.json``, and TensorBoard's files."""
+
     def __init__(self, out: Path, cfg: Config, metrics_bytes: int | None = None):
         """``metrics_bytes``: resuming, keep only that much of ``metrics.jsonl`` (what the checkpoint had logged)."""
         self.out = Path(out)
         (self.out / "samples").mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.out / "config.toml", to_toml(cfg).encode())
         self._metrics = open(self.out / "metrics.jsonl", "a")
-        if metrics_bytes is not None:
+        resuming = metrics_bytes is not None
+        if resuming:
             self._metrics.truncate(min(metrics_bytes, self._metrics.tell()))
             self._metrics.seek(0, 2)
+        self._step = _last_step(self.out / "metrics.jsonl") if resuming else -1  # the step of the latest record
+        self._tensorboard = tensorboard_writer(self.out, purge_step=self._step + 1 if resuming else None)
 
     def tell(self) -> int:
         """Bytes of ``metrics.jsonl`` written so far (saved in checkpoints)."""
@@ -104,17 +151,31 @@ class RunLog:
     def log(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # strict JSON lines
         self._metrics.flush()
+        self._step = record.get("step", self._step)
+        if self._tensorboard is not None:
+            for tag, value in tensorboard_scalars(record):
+                self._tensorboard.add_scalar(tag, value, self._step)
+            if record.get("kind") == "eval":
+                self._tensorboard.flush()  # one epoch at a time, for a TensorBoard watching the run
 
     def summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.out / "summary.json", summary)
 
     def samples(self, images: torch.Tensor, name: str) -> Path:
-        from torchvision.utils import save_image  # noqa: PLC0415
+        """A grid of ``images`` as ``samples/NAME.png`` (and in TensorBoard, by phase, at the latest step).
+
+        ``name`` is ``PHASE_epochNNN``: TensorBoard shows the grids of a phase as one series.
+        """
+        from torchvision.utils import make_grid, save_image  # noqa: PLC0415
 
         path = self.out / "samples" / f"{name}.png"
-        nrow = max(1, int(len(images) ** 0.5))
-        save_image((images.float().cpu() + 0.5).clamp(0, 1), path, nrow=nrow)
+        grid = make_grid((images.float().cpu() + 0.5).clamp(0, 1), nrow=max(1, int(len(images) ** 0.5)))
+        save_image(grid, path)
+        if self._tensorboard is not None:
+            self._tensorboard.add_image(f"samples/{name.rsplit('_epoch', 1)[0]}", grid, max(self._step, 0))
         return path
 
     def close(self) -> None:
         self._metrics.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
