@@ -8,7 +8,7 @@ out=${2:?usage: single_node.sh CONFIG OUT [pipeflow.launch options]}
 shift 2
 parts=$(python3 - "$config" <<'PY'
 import sys, tomllib
-print(tomllib.load(open(sys.argv[1], "rb")).get("parts", {}).get("count", 2))
+print(tomllib.load(open(sys.argv[1], "rb")).get("parts", {}).get("count") or 2)
 PY
 )
 nproc=$(( parts * ${REPLICAS:-1} ))

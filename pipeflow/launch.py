@@ -76,6 +76,20 @@ def say(line: str, stream=None) -> None:
     stream.flush()
 
 
+def _report(summary: dict | None, out: Path) -> None:
+    """Rank 0's closing line."""
+    if summary is None:
+        return
+    if summary.get("already_finished"):
+        say(f"[rank 0] the run in {out} has already finished (test {summary['test_bpd']:.4f} bits/dim); "
+            "nothing to resume")
+        return
+    step = summary.get("resumed_from_step")
+    resumed = f" (resumed after step {step})" if step else ""
+    say(f"[rank 0] test {summary['test_bpd']:.4f} bits/dim in {summary['wall_seconds']:.1f} s{resumed}; "
+        f"forward {summary['comm']['forward_bytes']:,} B, backward {summary['comm']['backward_bytes']} B; run in {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     who = RankEnv.from_environ()
@@ -106,15 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = RankContext(topo, device, args.bandwidth, (after_step,) if after_step else (), stream_filter)
         summary = train_multirank(cfg, ctx, args.out, force=force,
                                   on_eval=announce if topo.is_last and topo.replica == 0 else None, resume=resume)
-        if summary is not None and summary.get("already_finished"):
-            say(f"[rank 0] the run in {args.out} has already finished (test {summary['test_bpd']:.4f} bits/dim); "
-                "nothing to resume")
-        elif summary is not None:
-            step = summary.get("resumed_from_step")
-            resumed = f" (resumed after step {step})" if step else ""
-            say(f"[rank 0] test {summary['test_bpd']:.4f} bits/dim in {summary['wall_seconds']:.1f} s{resumed}; "
-                f"forward {summary['comm']['forward_bytes']:,} B, backward {summary['comm']['backward_bytes']} B; "
-                f"run in {args.out}")
+        _report(summary, args.out)
         leave()  # after the run's last barrier: no peer talks to this one any more
         return 0
     except UserError as exc:

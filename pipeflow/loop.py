@@ -223,7 +223,8 @@ class DataStream:
                 yield self._msg(EVAL, x, epoch, step)
             yield Message(EVAL_END, 0, epoch, step)
 
-    def phase(self, first_epoch: int, epochs: int, start_step: int, init: torch.Tensor | None = None) -> Iterator[Message]:
+    def phase(self, first_epoch: int, epochs: int, start_step: int,
+              init: torch.Tensor | None = None) -> Iterator[Message]:
         """Epochs ``first_epoch .. first_epoch + epochs - 1``, resumed after global step ``start_step``.
 
         Resuming at an epoch's end first evaluates that epoch: checkpoints are taken at

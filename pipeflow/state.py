@@ -85,7 +85,8 @@ def restore(blob: dict, modules: Sequence[nn.Module], trainers: Sequence[PartTra
     return state
 
 
-def newest_entry_check(entries: list[dict], entry: str, world: int, stages: int, whose: str = "the checkpoints") -> None:
+def newest_entry_check(entries: list[dict], entry: str, world: int, stages: int,
+                       whose: str = "the checkpoints") -> None:
     """Refuse checkpoints written by the other entry point or by another number of processes or parts."""
     for e in entries:
         if e.get("entry") != entry:

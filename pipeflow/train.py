@@ -57,7 +57,8 @@ def make_phases(run: Run) -> list[Phase]:
         return [Phase("e2e", t.by_parts_epochs + t.finetune_epochs, "e2e", [trainer(run.parts[0], t.lr)])]
     by_parts = Phase("by_parts", t.by_parts_epochs, t.schedule,
                      [trainer(p, run.part_lr(k)) for k, p in enumerate(run.parts)])
-    finetune = Phase("finetune", t.finetune_epochs, "e2e", [trainer(whole_model_part(run.model), t.finetune_lr or t.lr)])
+    whole = trainer(whole_model_part(run.model), t.finetune_lr or t.lr)
+    finetune = Phase("finetune", t.finetune_epochs, "e2e", [whole])
     return [by_parts, finetune]
 
 
