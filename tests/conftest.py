@@ -1,4 +1,4 @@
-"""Shared tiny fixtures: a small float64 Glow, and a tiny TOML config for training and CLI tests."""
+"""Shared tiny fixtures: a small float64 Glow, and the tiny config of support.py as a file and as a Config."""
 
 from __future__ import annotations
 
@@ -8,39 +8,11 @@ import pytest
 import torch
 
 from pipeflow.glow import Glow
+from support import CHECKPOINTED, Crash, crash_after, write_config
 
 # The models here are tiny: one intra-op thread is as fast as two, and far faster when the
 # machine's cores are busy with something else (spinning OpenMP threads then fight for them).
 torch.set_num_threads(1)
-
-# Small enough that a whole train -> eval -> sample round trip takes a few seconds on 2 cores.
-TINY_TOML = """\
-[model]
-levels = 2
-steps = 2
-hidden = 8
-
-[data]
-dataset = "digits"
-test_limit = 64
-
-[parts]
-count = 2
-scheme = "across"
-
-[train]
-schedule = "pipeline"
-by_parts_epochs = 1
-finetune_epochs = 1
-batch_size = 16
-eval_batch_size = 64
-lr = 1e-3
-warmup_steps = 2
-steps_per_epoch = 3
-log_every = 1
-samples = 4
-seed = 0
-"""
 
 
 def make_glow(in_channels: int = 1, image_size: int = 8, levels: int = 2, steps: int = 2, hidden: int = 8,
@@ -76,9 +48,7 @@ def glow() -> Glow:
 
 @pytest.fixture
 def tiny_config_path(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_TOML)
-    return path
+    return write_config(tmp_path)
 
 
 @pytest.fixture
@@ -86,3 +56,39 @@ def tiny_config(tiny_config_path: Path):
     from pipeflow.config import load_config
 
     return load_config(tiny_config_path)
+
+
+# --- one run checkpointed every 2 steps, finished and interrupted, shared by the tests of resuming ---
+
+
+@pytest.fixture(scope="session")
+def checkpointed_config_path(tmp_path_factory) -> Path:
+    return write_config(tmp_path_factory.mktemp("checkpointed"), CHECKPOINTED)
+
+
+@pytest.fixture(scope="session")
+def checkpointed_cfg(checkpointed_config_path):
+    from pipeflow.config import load_config
+
+    return load_config(checkpointed_config_path)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, checkpointed_cfg) -> Path:
+    """The checkpointed run, uninterrupted (9 steps: 2 epochs by parts, 1 of fine-tuning)."""
+    from pipeflow.train import train
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    train(checkpointed_cfg, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def interrupted_run(tmp_path_factory, checkpointed_cfg) -> Path:
+    """The checkpointed run, killed after step 5 (its newest checkpoint: step 4)."""
+    from pipeflow.train import train
+
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    with pytest.raises(Crash):
+        train(checkpointed_cfg, out, after_step=crash_after(5))
+    return out

@@ -1,4 +1,5 @@
-"""Config: TOML loading, --set overrides, validation (each error one UserError naming the key), TOML round trip."""
+"""Config: TOML loading, --set overrides, TOML round trip, and every bad config value or file refused by the
+command line in one line with exit status 2, losing nothing."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeflow.config import Config, from_dict, load_config, parse_override, to_toml, with_overrides
-from pipeflow.data import dataset_shape
-from pipeflow.errors import UserError
 from pipeflow.build import build_model
+from pipeflow.config import Config, from_dict, load_config, parse_override, to_toml, with_overrides
+from pipeflow.errors import UserError
+from support import pipeflow_in_process, refused, snapshot, tiny, toml
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
 
@@ -43,58 +44,94 @@ def test_overrides_are_typed(tiny_config_path):
     assert load_config(tiny_config_path).train.lr == 1e-3  # the file itself is not changed
 
 
-@pytest.mark.parametrize("override, words", [
-    ("nosuch.key=1", "unknown config section"),
-    ("train.nosuch=1", "unknown config key train.nosuch"),
-    ("model.levels=two", "model.levels must be an integer"),
-    ("model.levels=2.5", "model.levels must be an integer"),
-    ("model.levels=true", "model.levels must be an integer"),
-    ("model.lu=1", "model.lu must be true or false"),
-    ("train.lr=fast", "train.lr must be a number"),
-    ("parts.cuts=3", "parts.cuts must be a list"),
-    ("parts.cuts=[1, 2.5]", "parts.cuts[1] must be an integer"),
-    ("data.path=3", "data.path must be a string"),
-    ("model.levels=0", "model.levels = 0 must be at least 1"),
-    ("train.batch_size=0", "train.batch_size"),
-    ("train.lr=-1e-3", "train.lr = -0.001 must be positive"),
-    ("train.lr=0", "train.lr"),
-    ("parts.count=5", "parts.count = 5 is more than the 4 flow steps"),
-    ("train.schedule=fast", "train.schedule = 'fast' is not one of"),
-    ("model.coupling=spline", "model.coupling"),
-    ("train.part_lrs=[1e-3]", "train.part_lrs has 1 entries"),
-    ("data.n_bits=9", "data.n_bits"),
-    ("data.dataset=npz", "needs data.path"),
-    ("noequals", "--set expects section.key=value"),
-    ("nodot=1", "--set expects section.key=value"),
-])
-def test_bad_values_are_user_errors(tiny_config_path, override, words):
-    with pytest.raises(UserError) as info:
-        load_config(tiny_config_path, [override])
-    message = str(info.value)
-    assert words in message and "\n" not in message
+# Each bad config value, refused by `pipeflow train --force` over an existing run: exit status 2, one line,
+# and the run left as it was (a bad config must not cost the user the run it would have replaced).
+BAD_VALUES = {
+    "unknown section": (["--set", "nosuch.key=1"],
+                        "unknown config section [nosuch]; known: model, data, parts, train, distributed, checkpoint"),
+    "unknown key": (["--set", "model.colour=1"],
+                    "unknown config key model.colour; known in [model]: levels, steps, hidden, coupling, lu"),
+    "word for an integer": (["--set", "model.levels=two"], "model.levels must be an integer, got 'two'"),
+    "fraction for an integer": (["--set", "model.levels=2.5"], "model.levels must be an integer, got 2.5"),
+    "boolean for an integer": (["--set", "model.levels=true"], "model.levels must be an integer, got True"),
+    "integer for a boolean": (["--set", "model.lu=1"], "model.lu must be true or false, got 1"),
+    "word for a number": (["--set", "train.lr=fast"], "train.lr must be a number, got 'fast'"),
+    "number for a list": (["--set", "parts.cuts=3"], "parts.cuts must be a list, got 3"),
+    "fraction in a list of integers": (["--set", "parts.cuts=[1, 2.5]"], "parts.cuts[1] must be an integer, got 2.5"),
+    "number for a string": (["--set", "data.path=3"], "data.path must be a string, got 3"),
+    "no levels": (["--set", "model.levels=0"], "model.levels = 0 must be at least 1"),
+    "no steps": (["--set", "model.steps=0"], "model.steps = 0 must be at least 1"),
+    "empty batches": (["--set", "train.batch_size=0"], "train.batch_size = 0 must be at least 1"),
+    "negative lr": (["--set", "train.lr=-1e-3"], "train.lr = -0.001 must be positive"),
+    "zero lr": (["--set", "train.lr=0"], "train.lr = 0.0 must be positive"),
+    "more parts than steps": (["--set", "parts.count=5"], "parts.count = 5 is more than the 4 flow steps of the model"),
+    "unknown schedule": (["--set", "train.schedule=fast"],
+                         "train.schedule = 'fast' is not one of e2e, pipeline, alternate, sequential"),
+    "unknown coupling": (["--set", "model.coupling=spline"],
+                         "model.coupling = 'spline' is not one of affine, additive"),
+    "an lr short": (["--set", "train.part_lrs=[1e-3]"], "train.part_lrs has 1 entries for parts.count = 2"),
+    "too many bits": (["--set", "data.n_bits=9"], "data.n_bits = 9 must be at most 8"),
+    "npz without a path": (["--set", "data.dataset=npz"],
+                           "data.dataset = 'npz' needs data.path, the .npz file to read"),
+    # valid on its own, but 8x8 digits cannot be squeezed 4 times: caught when the model is built
+    "levels too deep": (["--set", "model.levels=4"],
+                        "image size 8 is not divisible by 2^model.levels = 16; lower model.levels"),
+    "--set without =": (["--set", "noequals"], "--set expects section.key=value, got 'noequals'"),
+    "--set without a section": (["--set", "nodot=1"], "--set expects section.key=value, got 'nodot=1'"),
+}
+
+# Each bad config file, by the file `--config` names (its text; None: the file does not exist).
+BAD_FILES = {
+    "missing": (None, "config file {path} does not exist"),
+    "not TOML": ("[model\nlevels = 2\n",
+                 "config file {path} is not valid TOML: Expected ']' at the end of a table declaration (at line 1, "
+                 "column 7)"),
+    "keys outside a section": ("levels = 2\n",
+                               "unknown config section [levels]; known: model, data, parts, train, distributed, "
+                               "checkpoint"),
+    "a section that is no table": ("model = 3\n", "[model] must be a table of keys"),
+}
 
 
-def test_bad_files(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        load_config(tmp_path / "missing.toml")
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[model\nlevels = 2\n")
-    with pytest.raises(UserError, match="not valid TOML"):
-        load_config(bad)
-    flat = tmp_path / "flat.toml"
-    flat.write_text("levels = 2\n")
-    with pytest.raises(UserError, match="unknown config section"):
-        load_config(flat)
-    not_table = tmp_path / "not_table.toml"
-    not_table.write_text("model = 3\n")
-    with pytest.raises(UserError, match="must be a table"):
-        load_config(not_table)
+@pytest.fixture
+def a_run(tmp_path: Path) -> Path:
+    """A folder holding a run, which `--force` would replace if the config were good."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, text in {"config.toml": toml(tiny()), "summary.json": '{"test_bpd": 3.0}', "metrics.jsonl": "{}\n",
+                       "model.pt": "weights"}.items():
+        (run / name).write_text(text)
+    return run
 
 
-def test_image_size_not_divisible_is_caught_when_building_the_model(tiny_config):
-    cfg = with_overrides(tiny_config, ["model.levels=4"])  # valid on its own ...
-    with pytest.raises(UserError, match="not divisible by 2\\^model.levels = 16"):
-        build_model(cfg, dataset_shape(cfg.data))  # ... but 8x8 digits cannot be squeezed 4 times
+def refused_without_loss(tmp_path: Path, message: str, *args) -> None:
+    before = snapshot(tmp_path)
+    result = pipeflow_in_process(*args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    refused(result.exit_code, result.stdout, result.stderr, message)
+    assert snapshot(tmp_path) == before  # nothing written, replaced or deleted
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_a_bad_value_is_one_line_and_status_2_and_replaces_nothing(tiny_config_path, a_run, tmp_path, case):
+    overrides, message = BAD_VALUES[case]
+    refused_without_loss(tmp_path, message, "train", "--config", tiny_config_path, "--out", a_run, "--force",
+                         "--quiet", *overrides)
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_a_bad_config_file_is_one_line_and_status_2_and_replaces_nothing(a_run, tmp_path, case):
+    text, message = BAD_FILES[case]
+    path = tmp_path / "config.toml"
+    if text is not None:
+        path.write_text(text)
+    refused_without_loss(tmp_path, message.format(path=path), "train", "--config", path, "--out", a_run, "--force")
+
+
+def test_plan_refuses_a_bad_value_too(tiny_config_path, tmp_path):
+    """`pipeflow plan` reads the config as `train` does (its own command, so checked once here)."""
+    refused_without_loss(tmp_path, "train.lr must be a number, got 'fast'", "plan", "--config", tiny_config_path,
+                         "--set", "train.lr=fast", "--json", tmp_path / "plan.json")
 
 
 def test_with_overrides_returns_a_validated_copy(tiny_config):

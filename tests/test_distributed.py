@@ -10,132 +10,92 @@ from pathlib import Path
 import pytest
 import torch
 
-TINY = """
-[model]
-levels = 2
-steps = 2
-hidden = 8
-[data]
-test_limit = 96
-[parts]
-count = {parts}
-scheme = "across"
-[train]
-schedule = "pipeline"
-by_parts_epochs = 2
-finetune_epochs = {finetune}
-batch_size = 32
-lr = 2e-3
-warmup_steps = 4
-steps_per_epoch = 5
-samples = 4
-threads = 1
-log_every = 1
-[distributed]
-timeout_s = 60
-"""
+from pipeflow.build import build_model, build_parts
+from pipeflow.config import load_config
+from support import ENV, MULTIRANK, max_difference, metrics, ok, pipeflow, summary, torchrun, write_config
+
+# internals of the training core that issue 10's rewrite may rename or move
+from pipeflow.multirank import place_own_part, place_whole_model
 
 
-def write_config(tmp_path: Path, parts: int = 2, finetune: int = 0) -> Path:
-    path = tmp_path / f"tiny_p{parts}_f{finetune}.toml"
-    path.write_text(TINY.format(parts=parts, finetune=finetune))
-    return path
-
-
-def torchrun(nproc: int, config: Path, out: Path, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pipeflow.launch", "--config", str(config), "--out", str(out), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def multirank_config(tmp_path: Path, parts: int = 2, finetune: int = 0, **more) -> Path:
+    """support.MULTIRANK with ``parts`` parts and ``finetune`` epochs of fine-tuning."""
+    return write_config(tmp_path, MULTIRANK, {"parts.count": parts, "train.finetune_epochs": finetune}, more,
+                        name=f"tiny_p{parts}_f{finetune}.toml")
 
 
 def single_device(config: Path, out: Path, *extra: str) -> dict:
-    cmd = [sys.executable, "-m", "pipeflow.cli", "train", "--config", str(config), "--out", str(out), "--quiet", *extra]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=240)
-    return json.loads((out / "summary.json").read_text())
-
-
-def state(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "model.pt", weights_only=True)["state_dict"]
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
-def ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    """`pipeflow train` of the same config on one device: its summary."""
+    ok(pipeflow("train", "--config", config, "--out", out, "--quiet", *extra))
+    return summary(out)
 
 
 @pytest.mark.parametrize("parts", [2, 3])
 def test_pipeline_ranks_equal_single_device_pipeline(tmp_path, parts):
-    config = write_config(tmp_path, parts=parts)
+    config = multirank_config(tmp_path, parts=parts)
     # how many batches may wait for the wire changes when work happens, never what is computed
     in_flight = {2: 2, 3: 1}[parts]
     ok(torchrun(parts, config, tmp_path / "dist", "--set", f"distributed.in_flight={in_flight}"))
     single = single_device(config, tmp_path / "single")
-    assert max_difference(state(tmp_path / "dist"), state(tmp_path / "single")) <= 1e-6
-    summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
-    assert summary["parts"] == parts and summary["world_size"] == parts
-    assert summary["test_bpd"] == pytest.approx(single["test_bpd"], abs=1e-5)
+    assert max_difference(tmp_path / "dist", tmp_path / "single") <= 1e-6
+    run = summary(tmp_path / "dist")
+    assert run["parts"] == parts and run["world_size"] == parts
+    assert run["test_bpd"] == pytest.approx(single["test_bpd"], abs=1e-5)
     # nothing travels backwards; forward traffic is exactly one latent (+ carry and header) per image
-    assert summary["comm"]["backward_bytes"] == 0
-    assert summary["comm"]["forward_bytes"] > 0
-    records = [json.loads(line) for line in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
+    assert run["comm"]["backward_bytes"] == 0
+    assert run["comm"]["forward_bytes"] > 0
+    records = metrics(tmp_path / "dist")
     steps = [r for r in records if r["kind"] == "step"]
     assert {r["part"] for r in steps} == set(range(parts))
     assert all({"loss", "prefix_bpd", "images_per_s", "busy_fraction"} <= r.keys() for r in steps)
     assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
-    assert all(0 < r["busy_fraction"] <= 1 for r in summary["ranks"])
+    assert all(0 < r["busy_fraction"] <= 1 for r in run["ranks"])
 
 
 def test_forward_bytes_are_one_latent_per_image(tmp_path):
-    config = write_config(tmp_path, parts=2)
+    config = multirank_config(tmp_path, parts=2)
     ok(torchrun(2, config, tmp_path / "dist"))
-    summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
+    run = summary(tmp_path / "dist")
     # the cut after 1 step of level 1 (1x8x8 digits -> 4x4x4): 64 floats + 1 carry per image, 32 B per header
     per_image = 4 * (4 * 4 * 4 + 1)
     images = 32 + 2 * 5 * 32 + 2 * 96  # init batch, 2 epochs x 5 steps x 32, 2 evaluations of 96
     headers = 1 + 2 * 5 + 2 * (1 + 1) + 1  # init, train, eval batches + eval ends, stop
-    assert summary["comm"]["forward_bytes"] == per_image * images + 32 * headers
+    assert run["comm"]["forward_bytes"] == per_image * images + 32 * headers
 
 
 def test_finetune_ddp_improves_and_model_loads_alone(tmp_path):
-    config = write_config(tmp_path, parts=2, finetune=3)
+    config = multirank_config(tmp_path, parts=2, finetune=3)
     result = torchrun(2, config, tmp_path / "dist")
     ok(result)
-    summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
-    assert summary["phases"]["finetune"]["schedule"] == "ddp"
+    run = summary(tmp_path / "dist")
+    assert run["phases"]["finetune"]["schedule"] == "ddp"
     # each of the 2 ranks trains on its half of every batch: 3 epochs x 5 steps x 32 images / 2
-    assert summary["phases"]["finetune"]["images_per_process"] == 3 * 5 * 32 // 2
-    assert summary["test_bpd"] < summary["phases"]["by_parts"]["test_bpd"]
-    assert summary["comm"]["backward_bytes"] == 0 and summary["comm"]["finetune_allreduce_bytes"] > 0
-    evaluated = subprocess.run([sys.executable, "-m", "pipeflow.cli", "eval", "--checkpoint",
-                                str(tmp_path / "dist" / "model.pt"), "--json", str(tmp_path / "eval.json")],
-                               capture_output=True, text=True, timeout=120)
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads((tmp_path / "eval.json").read_text())["test_bpd"] == pytest.approx(summary["test_bpd"], abs=1e-5)
+    assert run["phases"]["finetune"]["images_per_process"] == 3 * 5 * 32 // 2
+    assert run["test_bpd"] < run["phases"]["by_parts"]["test_bpd"]
+    assert run["comm"]["backward_bytes"] == 0 and run["comm"]["finetune_allreduce_bytes"] > 0
+    ok(pipeflow("eval", "--checkpoint", tmp_path / "dist" / "model.pt", "--json", tmp_path / "eval.json"))
+    assert json.loads((tmp_path / "eval.json").read_text())["test_bpd"] == pytest.approx(run["test_bpd"], abs=1e-5)
 
 
 def test_finetune_on_rank0_equals_one_device_and_ddp_is_close(tmp_path):
-    config = write_config(tmp_path, parts=2, finetune=2)
+    config = multirank_config(tmp_path, parts=2, finetune=2)
     ok(torchrun(2, config, tmp_path / "ddp"))
     ok(torchrun(2, config, tmp_path / "rank0", "--set", "distributed.finetune=rank0"))
     single = single_device(config, tmp_path / "single")
-    rank0 = json.loads((tmp_path / "rank0" / "summary.json").read_text())
+    rank0 = summary(tmp_path / "rank0")
     # rank 0 alone sees every image of the 2 fine-tuning epochs, as one device does
     assert rank0["phases"]["finetune"]["images_per_process"] == single["phases"]["finetune"]["images_per_process"]
     assert single["phases"]["finetune"]["images_per_process"] == 2 * 5 * 32
     # by parts on 2 ranks, then the parts and their optimiser states gathered and fine-tuned
     # on rank 0: the very run `pipeflow train` makes on one device
-    assert max_difference(state(tmp_path / "rank0"), state(tmp_path / "single")) <= 1e-6
+    assert max_difference(tmp_path / "rank0", tmp_path / "single") <= 1e-6
     # DDP: the same full-batch gradient, summed in another order
-    assert max_difference(state(tmp_path / "ddp"), state(tmp_path / "rank0")) < 1e-3
+    assert max_difference(tmp_path / "ddp", tmp_path / "rank0") < 1e-3
     # carrying the optimiser states on is what makes them equal: a fresh optimiser differs
     ok(torchrun(2, config, tmp_path / "fresh", "--set", "distributed.finetune=rank0",
                 "--set", "train.finetune_optimizer=fresh"))
-    assert max_difference(state(tmp_path / "fresh"), state(tmp_path / "single")) > 1e-3
-    gathered = {run: json.loads((tmp_path / run / "summary.json").read_text())["comm"]["gather_bytes"]
+    assert max_difference(tmp_path / "fresh", tmp_path / "single") > 1e-3
+    gathered = {run: summary(tmp_path / run)["comm"]["gather_bytes"]
                 for run in ("rank0", "fresh")}
     assert gathered["rank0"] > 2 * gathered["fresh"]  # parameters, then Adam's two moments of each
 
@@ -143,11 +103,10 @@ def test_finetune_on_rank0_equals_one_device_and_ddp_is_close(tmp_path):
 def test_finetune_alone_initialises_every_replica_from_the_whole_first_batch(tmp_path):
     """No by-parts epochs: DDP starts from ActNorms initialised on the whole first batch on every
     rank (not each on its own shard), so it ends where one device does."""
-    config = write_config(tmp_path, parts=2, finetune=1)
-    config.write_text(config.read_text().replace("by_parts_epochs = 2", "by_parts_epochs = 0"))
+    config = multirank_config(tmp_path, parts=2, finetune=1, **{"train.by_parts_epochs": 0})
     ok(torchrun(2, config, tmp_path / "ddp"))
     single_device(config, tmp_path / "single")
-    assert max_difference(state(tmp_path / "ddp"), state(tmp_path / "single")) < 1e-3
+    assert max_difference(tmp_path / "ddp", tmp_path / "single") < 1e-3
 
 
 AVERAGE = """
@@ -171,8 +130,7 @@ def test_stage_replicas_average_their_gradients(tmp_path):
     script.write_text(AVERAGE)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            str(tmp_path / "out")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    ok(subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV))
     for rank in (0, 1):
         out = json.loads((tmp_path / f"out{rank}").read_text())
         assert out["grads"] == [[2.0, 3.0], [[15.0, 15.0], [15.0, 15.0]]]
@@ -180,20 +138,20 @@ def test_stage_replicas_average_their_gradients(tmp_path):
 
 
 def test_two_replicas_of_a_two_stage_pipeline(tmp_path):
-    config = write_config(tmp_path, parts=2)
+    config = multirank_config(tmp_path, parts=2)
     ok(torchrun(4, config, tmp_path / "dist"))
     single_device(config, tmp_path / "single")
-    summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
-    assert summary["replicas"] == 2 and summary["world_size"] == 4
-    assert summary["comm"]["backward_bytes"] == 0 and summary["comm"]["stage_allreduce_bytes"] > 0
-    assert {(r["stage"], r["replica"]) for r in summary["ranks"]} == {(0, 0), (1, 0), (0, 1), (1, 1)}
+    run = summary(tmp_path / "dist")
+    assert run["replicas"] == 2 and run["world_size"] == 4
+    assert run["comm"]["backward_bytes"] == 0 and run["comm"]["stage_allreduce_bytes"] > 0
+    assert {(r["stage"], r["replica"]) for r in run["ranks"]} == {(0, 0), (1, 0), (0, 1), (1, 1)}
     # each replica takes half of every batch and the stage averages gradients: the single-device
     # pipeline on the whole batch, up to the order of floating-point sums (Adam amplifies it a little)
-    assert max_difference(state(tmp_path / "dist"), state(tmp_path / "single")) < 1e-3
+    assert max_difference(tmp_path / "dist", tmp_path / "single") < 1e-3
 
 
 def test_wrong_process_count_is_one_line_and_status_2_on_every_rank(tmp_path):
-    config = write_config(tmp_path, parts=2)
+    config = multirank_config(tmp_path, parts=2)
     result = torchrun(3, config, tmp_path / "dist", timeout=120)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("pipeflow.launch: error")]
@@ -206,20 +164,19 @@ def test_wrong_process_count_is_one_line_and_status_2_on_every_rank(tmp_path):
 
 
 def test_launch_without_torchrun_checks_process_count(tmp_path):
-    config = write_config(tmp_path, parts=2)
+    config = multirank_config(tmp_path, parts=2)
     result = subprocess.run([sys.executable, "-m", "pipeflow.launch", "--config", str(config), "--out",
-                             str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
+                             str(tmp_path / "x")], capture_output=True, text=True, timeout=60, env=ENV)
     assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "pipeflow.launch: error (rank 0): 1 processes cannot run 2 parts: the number of processes must be a "
+        "multiple of parts.count (torchrun --nproc_per_node=2, or 2 x replicas)"]
+    assert not (tmp_path / "x").exists()
 
 
 def test_by_parts_a_device_holds_only_its_own_part(tmp_path):
     """The placement each rank makes before the pipeline, on the meta device (it needs no GPU)."""
-    from pipeflow.config import load_config
-    from pipeflow.multirank import place_own_part, place_whole_model
-    from pipeflow.build import build_model, build_parts
-
-    cfg = load_config(write_config(tmp_path, parts=3))
+    cfg = load_config(multirank_config(tmp_path, parts=3))
     model = build_model(cfg, (1, 8, 8))
     parts = build_parts(cfg, model, 3)
     meta = torch.device("meta")

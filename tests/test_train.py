@@ -9,18 +9,19 @@ import math
 import pytest
 import torch
 
-from pipeflow.config import with_overrides
-from pipeflow.part_trainer import optimizer_states
-from pipeflow.schedules import active_parts
 from pipeflow.build import build_run
+from pipeflow.config import with_overrides
+from pipeflow.objective import bits_per_dim
+from pipeflow.parts import whole_model_part
+from support import metrics
+
+# internals of the training core that issue 10's rewrite may rename or move
+from pipeflow.evaluate import evaluate
+from pipeflow.part_trainer import PartTrainer, optimizer_states
+from pipeflow.schedules import active_parts
 from pipeflow.train import make_phases, train, train_step
 
 STEP_KEYS = {"phase", "part", "epoch", "step", "loss", "prefix_bpd", "images_per_s", "wall"}
-
-
-def _records(out):
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
 
 
 @pytest.mark.parametrize("overrides", [
@@ -44,13 +45,14 @@ def test_every_schedule_writes_a_run_directory(tmp_path, tiny_config, overrides)
 
     on_disk = json.loads((out / "summary.json").read_text())
     assert math.isfinite(on_disk["test_bpd"]) and on_disk["test_bpd"] == pytest.approx(summary["test_bpd"])
-    assert on_disk["wall_seconds"] > 0
     expected_phases = {"e2e": t.by_parts_epochs + t.finetune_epochs} if t.schedule == "e2e" else \
         {"by_parts": t.by_parts_epochs, "finetune": t.finetune_epochs}
     assert {k: v["epochs"] for k, v in on_disk["phases"].items()} == expected_phases
+    # every phase took time, within the run's wall time (the phases are parts of the run, not estimates)
     assert all(v["seconds"] > 0 for v in on_disk["phases"].values())
+    assert sum(v["seconds"] for v in on_disk["phases"].values()) <= on_disk["wall_seconds"]
 
-    records = _records(out)
+    records = metrics(out)
     steps = [r for r in records if r["kind"] == "step"]
     evals = [r for r in records if r["kind"] == "eval"]
     assert steps and all(STEP_KEYS <= r.keys() for r in steps)
@@ -77,7 +79,7 @@ def test_log_every_samples_every_part(tmp_path, tiny_config):
     cfg = with_overrides(tiny_config, ["train.schedule=alternate", "train.alternate_every=1", "train.log_every=2",
                                        "train.steps_per_epoch=8", "train.samples=0"])
     train(cfg, tmp_path / "run")
-    logged = [r["part"] for r in _records(tmp_path / "run") if r["kind"] == "step" and r["phase"] == "by_parts"]
+    logged = [r["part"] for r in metrics(tmp_path / "run") if r["kind"] == "step" and r["phase"] == "by_parts"]
     assert sorted(set(logged)) == [0, 1] and len(logged) == 4  # 8 steps, 4 per part, every 2nd of each
 
 
@@ -102,7 +104,7 @@ def test_pipeline_run_is_bit_for_bit_reproducible(tmp_path, tiny_config):
 
     def comparable(out):
         return [{k: v for k, v in r.items() if k not in ("wall", "images_per_s", "train_seconds")}
-                for r in _records(out)]
+                for r in metrics(out)]
 
     assert comparable(tmp_path / "a") == comparable(tmp_path / "b")
     # and a different seed gives a different model
@@ -279,11 +281,6 @@ def test_part_and_finetune_learning_rates_reach_their_optimisers(tiny_config):
 
 def test_test_bits_per_dim_weighs_every_image_of_every_batch(tiny_config):
     """70 test images in batches of 16 (the last one of 6): the mean over images, not batches."""
-    from pipeflow.evaluate import evaluate
-    from pipeflow.objective import bits_per_dim
-    from pipeflow.part_trainer import PartTrainer
-    from pipeflow.parts import whole_model_part
-
     cfg = with_overrides(tiny_config, ["data.test_limit=70", "train.eval_batch_size=16"])
     run = build_run(cfg)
     run.model.initialize(next(run.train_batches().epoch(0)))
