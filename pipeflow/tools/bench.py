@@ -246,16 +246,52 @@ def bench(cfg: Config, opts: BenchOptions, log: Log | None = None, command: str 
     """Run every measurement ``opts`` asks for; return the report (every figure)."""
     import torch  # noqa: PLC0415
 
-    from pipeflow.tools.balance import balanced_cuts, part_costs  # noqa: PLC0415
-    from pipeflow.tools.bench_worker import bench_batches  # noqa: PLC0415
-    from pipeflow.data import dataset_shape, load_dataset, n_bins  # noqa: PLC0415
-    from pipeflow.tools.flops import alternate_cost_ratio, part_flops, stage_cost_ratio, step_flops  # noqa: PLC0415
-    from pipeflow.parts import split_into_parts  # noqa: PLC0415
-    from pipeflow.tools.plan import cuts_of, describe_parts, measured_alternate_ratio, scheme_parts  # noqa: PLC0415
     from pipeflow.build import build_model, resolve_device  # noqa: PLC0415
+    from pipeflow.data import dataset_shape  # noqa: PLC0415
+    from pipeflow.tools.flops import step_flops  # noqa: PLC0415
 
     log = log or (lambda message: None)
     started = time.time()
+    P, B, modes = _checked_sizes(cfg, opts)
+    cfg = with_overrides(cfg, [f"parts.count={P}", f"train.batch_size={B}"])
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and ("ddp" in modes or "pipeline" in modes) and torch.cuda.device_count() < P:
+        raise UserError(f"{P} ranks need {P} GPUs, {torch.cuda.device_count()} visible; "
+                        "use --parts or --set train.device=cpu")
+    shape = dataset_shape(cfg.data)
+    batches, bins = _bench_batches(cfg, B, opts)
+    model = build_model(cfg, shape)
+    flops = step_flops(model)
+    schemes = _schemes(cfg, opts)
+    base_spec = {"config": cfg.to_dict(), "batch": B, "warmup": opts.warmup, "steps": opts.steps,
+                 "threads": opts.threads, "bandwidth": 0.0, "n_bins": bins, "device": device.type,
+                 "timeout_s": cfg.distributed.timeout_s, "cuts": []}
+    work = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="pipeflow-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    base_spec["batches"] = str(work / "batches.pt")
+    torch.save(torch.stack(batches), base_spec["batches"])
+    del batches
+    report = _new_report(command, cfg, opts, device, P, B, schemes, modes, shape, bins, flops)
+    session = _Session(opts, P, B, base_spec, work, report, log)
+    try:
+        measured = _measure_costs(session, len(flops)) if "balanced-measured" in schemes else None
+        if measured is None:
+            schemes = [s for s in schemes if s != "balanced-measured"]
+        report["splits"] = splits = _splits(cfg, model, schemes, P, measured, report["notes"])
+        _run_on_one_device(session, modes, splits)
+        for bw in opts.bandwidths:
+            _run_on_ranks(session, modes, splits, bw)
+    finally:
+        if not opts.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    report["machine"]["load_after"] = _load()
+    report["seconds"] = time.time() - started
+    _derive(report, cfg, shape, P)
+    return report
+
+
+def _checked_sizes(cfg: Config, opts: BenchOptions) -> tuple[int, int, list[str]]:
+    """The number of ranks P, the batch and the modes, once the options are known to make sense."""
     P = opts.parts or cfg.parts.count
     B = opts.batch or cfg.train.batch_size
     if P < 2:
@@ -269,35 +305,35 @@ def bench(cfg: Config, opts: BenchOptions, log: Log | None = None, command: str 
     modes = list(opts.modes or ALL_MODES)
     if "ddp" in modes and B % P:
         raise UserError(f"--batch {B} must be a multiple of --parts {P}: DDP gives each rank batch/P images")
-    cfg = with_overrides(cfg, [f"parts.count={P}", f"train.batch_size={B}"])
-    device = resolve_device(cfg.train.device)
-    if device.type == "cuda" and ("ddp" in modes or "pipeline" in modes) and torch.cuda.device_count() < P:
-        raise UserError(f"{P} ranks need {P} GPUs, {torch.cuda.device_count()} visible; "
-                        "use --parts or --set train.device=cpu")
-    shape = dataset_shape(cfg.data)
+    return P, B, modes
+
+
+def _bench_batches(cfg: Config, B: int, opts: BenchOptions) -> tuple[list, int]:
+    """The batches every run trains on (the same images for all) and the data's number of bins."""
+    from pipeflow.data import load_dataset, n_bins  # noqa: PLC0415
+    from pipeflow.tools.bench_worker import bench_batches  # noqa: PLC0415
+
     data = load_dataset(cfg.data)
-    bins = n_bins(data, cfg.data.n_bits)
     if len(data.x_train) < B:
         raise UserError(f"--batch {B} is larger than the {len(data.x_train)} training images")
-    batches = bench_batches(cfg, B, 1 + opts.warmup + opts.steps, data)  # the same images for every run
-    del data
-    model = build_model(cfg, shape)
-    flops = step_flops(model)
+    return bench_batches(cfg, B, 1 + opts.warmup + opts.steps, data), n_bins(data, cfg.data.n_bits)
 
+
+def _schemes(cfg: Config, opts: BenchOptions) -> list[str]:
+    """The split schemes to run: those asked for, else the configured one first and then the others."""
     others = [s for s in ("blocks", "across", "balanced") if s != cfg.parts.scheme]
-    schemes = opts.schemes or [cfg.parts.scheme, *others]
+    schemes = list(opts.schemes or [cfg.parts.scheme, *others])
     if opts.measure_costs and "balanced-measured" not in schemes:
         schemes.append("balanced-measured")
-    measure = "balanced-measured" in schemes
-    base_spec = {"config": cfg.to_dict(), "batch": B, "warmup": opts.warmup, "steps": opts.steps,
-                 "threads": opts.threads, "bandwidth": 0.0, "n_bins": bins, "device": device.type,
-                 "timeout_s": cfg.distributed.timeout_s, "cuts": []}
-    work = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="pipeflow-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    base_spec["batches"] = str(work / "batches.pt")
-    torch.save(torch.stack(batches), base_spec["batches"])
-    del batches
-    report: dict = {
+    return schemes
+
+
+def _new_report(command: str | None, cfg: Config, opts: BenchOptions, device, P: int, B: int, schemes: list[str],
+                modes: list[str], shape, bins: int, flops: list[float]) -> dict:
+    """The report before any run: the command, the machine and the settings."""
+    import torch  # noqa: PLC0415
+
+    return {
         "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device.type,
                     "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
@@ -309,117 +345,151 @@ def bench(cfg: Config, opts: BenchOptions, log: Log | None = None, command: str 
                                                              "finetune": cfg.train.finetune_epochs}},
         "config": cfg.to_dict(), "step_costs": {"flops": flops}, "splits": {}, "runs": [], "notes": [],
     }
+
+
+@dataclass
+class _Session:
+    """One bench invocation: what every run's workers share, where they write, and the report they fill."""
+
+    opts: BenchOptions
+    parts: int
+    batch: int
+    base_spec: dict
+    work: Path
+    report: dict
+    log: Log
+
+    def launch(self, changes: dict, world: int, name: str) -> list[dict]:
+        """Run ``world`` workers on the shared spec with ``changes``; each rank's result."""
+        return _launch({**self.base_spec, **changes}, world, self.work, name, self.opts.timeout_s)
+
+    def record(self, name: str, kind: str, metrics: dict, **extra) -> None:
+        entry = {"name": name, "kind": kind, **extra, **metrics, "load_after": _load()}
+        entry["images_per_s"] = self.batch / entry["step_seconds"] if entry["step_seconds"] > 0 else None
+        self.report["runs"].append(entry)
+        self.log(f"  {name}: {entry['images_per_s']:.1f} images/s, step {1000 * entry['step_seconds']:.1f} ms")
+
+    def attempt(self, name: str, run: Callable[[], None]) -> None:
+        """Run one measurement; a failed one is recorded as such and the bench goes on."""
+        self.log(f"run {name} ...")
+        try:
+            run()
+        except RuntimeError as exc:
+            self.report["runs"].append({"name": name, "error": str(exc)})
+            self.log(f"  {name} failed: {exc}")
+
+
+def _measure_costs(session: _Session, steps: int) -> tuple[list[float], list[float]] | None:
+    """Each flow step's measured (train, forward) seconds on the device; None, with a note, if that failed."""
+    session.log(f"measuring the cost of each of the {steps} flow steps on {session.base_spec['device']} ...")
     try:
-        measured_train = measured_forward = None
-        if measure:
-            log(f"measuring the cost of each of the {len(flops)} flow steps on {device.type} ...")
-            try:
-                (res,) = _launch({**base_spec, "mode": "costs", "repeats": opts.cost_repeats}, 1, work, "costs",
-                                 opts.timeout_s)
-                measured_train, measured_forward = res["train_seconds"], res["forward_seconds"]
-                report["step_costs"].update(measured_train_seconds=measured_train,
-                                            measured_forward_seconds=measured_forward)
-            except RuntimeError as exc:
-                report["notes"].append(f"measuring step costs failed: {exc}")
-                schemes = [s for s in schemes if s != "balanced-measured"]
+        (res,) = session.launch({"mode": "costs", "repeats": session.opts.cost_repeats}, 1, "costs")
+    except RuntimeError as exc:
+        session.report["notes"].append(f"measuring step costs failed: {exc}")
+        return None
+    session.report["step_costs"].update(measured_train_seconds=res["train_seconds"],
+                                        measured_forward_seconds=res["forward_seconds"])
+    return res["train_seconds"], res["forward_seconds"]
 
-        # the splits: cuts, FLOP share and measured share of each part
-        splits: dict[str, dict] = {}
-        for scheme in schemes:
-            try:
-                if scheme == "balanced-measured":
-                    parts = split_into_parts(model, "cuts", P, balanced_cuts(measured_train, P),
-                                             cfg.parts.boundary_prior)
-                else:
-                    parts = scheme_parts(cfg, model, scheme, P)
-            except UserError as exc:
-                report["notes"].append(f"scheme {scheme}: {exc}")
-                continue
-            cuts = cuts_of(parts)
-            rows = describe_parts(model, parts, measured_train)
-            pf = part_flops(model, parts)
-            same = next((s for s, v in splits.items() if v["cuts"] == cuts), None)
-            splits[scheme] = {
-                "cuts": cuts, "same_as": same,
-                "parts": [{"steps": list(r.steps), "params": r.params, "flops": r.flops, "flop_share": r.share,
-                           "measured_share": r.measured_share, "in_shape": list(r.in_shape),
-                           "out_shape": list(r.out_shape)} for r in rows],
-                "flop_model": {"alternate_step": alternate_cost_ratio(pf), "pipeline_step": stage_cost_ratio(pf)},
-            }
-            if measured_train:
-                splits[scheme]["measured_model"] = {
-                    "alternate_step": measured_alternate_ratio(measured_train, measured_forward, cuts),
-                    "pipeline_step": stage_cost_ratio(part_costs(measured_train, cuts))}
-        report["splits"] = splits
-        if "balanced-measured" in splits:
-            cuts = splits["balanced-measured"]["cuts"]
-            report["notes"].append(f"to train on the measured balanced split: --set parts.scheme=cuts "
-                                   f"--set 'parts.cuts={cuts}'")
-        if not splits:
-            raise UserError("none of the split schemes fits this model: " + "; ".join(report["notes"]))
-        primary = next(iter(splits))
 
-        def record(name: str, kind: str, metrics: dict, **extra) -> None:
-            entry = {"name": name, "kind": kind, **extra, **metrics, "load_after": _load()}
-            entry["images_per_s"] = B / entry["step_seconds"] if entry["step_seconds"] > 0 else None
-            report["runs"].append(entry)
-            log(f"  {name}: {entry['images_per_s']:.1f} images/s, step {1000 * entry['step_seconds']:.1f} ms")
+def _splits(cfg: Config, model, schemes: list[str], P: int, measured: tuple[list[float], list[float]] | None,
+            notes: list[str]) -> dict[str, dict]:
+    """Each scheme's split: its cuts, and the FLOP share and measured share of each part."""
+    from pipeflow.parts import split_into_parts  # noqa: PLC0415
+    from pipeflow.tools.balance import balanced_cuts  # noqa: PLC0415
+    from pipeflow.tools.plan import scheme_parts  # noqa: PLC0415
 
-        def attempt(name: str, fn) -> None:
-            log(f"run {name} ...")
-            try:
-                fn()
-            except RuntimeError as exc:
-                report["runs"].append({"name": name, "error": str(exc)})
-                log(f"  {name} failed: {exc}")
+    splits: dict[str, dict] = {}
+    for scheme in schemes:
+        try:
+            if scheme == "balanced-measured":
+                parts = split_into_parts(model, "cuts", P, balanced_cuts(measured[0], P), cfg.parts.boundary_prior)
+            else:
+                parts = scheme_parts(cfg, model, scheme, P)
+        except UserError as exc:
+            notes.append(f"scheme {scheme}: {exc}")
+            continue
+        split = _describe_split(model, parts, measured)
+        split["same_as"] = next((s for s, v in splits.items() if v["cuts"] == split["cuts"]), None)
+        splits[scheme] = split
+    if "balanced-measured" in splits:
+        cuts = splits["balanced-measured"]["cuts"]
+        notes.append(f"to train on the measured balanced split: --set parts.scheme=cuts --set 'parts.cuts={cuts}'")
+    if not splits:
+        raise UserError("none of the split schemes fits this model: " + "; ".join(notes))
+    return splits
 
-        def single(name, schedule, cuts, threads, scheme=None):
-            def go():
-                (res,) = _launch({**base_spec, "mode": "single", "schedule": schedule, "cuts": cuts,
-                                  "threads": threads}, 1, work, name, opts.timeout_s)
-                record(name, "single", _single_metrics(res, opts.warmup, len(cuts) + 1, schedule),
+
+def _describe_split(model, parts: list, measured: tuple[list[float], list[float]] | None) -> dict:
+    """One split's cuts, parts, and the step ratios the FLOP model (and the measured costs) predict for it."""
+    from pipeflow.tools.balance import part_costs  # noqa: PLC0415
+    from pipeflow.tools.flops import alternate_cost_ratio, part_flops, stage_cost_ratio  # noqa: PLC0415
+    from pipeflow.tools.plan import cuts_of, describe_parts, measured_alternate_ratio  # noqa: PLC0415
+
+    train, forward = measured or (None, None)
+    cuts = cuts_of(parts)
+    pf = part_flops(model, parts)
+    split = {
+        "cuts": cuts, "same_as": None,
+        "parts": [{"steps": list(r.steps), "params": r.params, "flops": r.flops, "flop_share": r.share,
+                   "measured_share": r.measured_share, "in_shape": list(r.in_shape),
+                   "out_shape": list(r.out_shape)} for r in describe_parts(model, parts, train)],
+        "flop_model": {"alternate_step": alternate_cost_ratio(pf), "pipeline_step": stage_cost_ratio(pf)},
+    }
+    if train:
+        split["measured_model"] = {"alternate_step": measured_alternate_ratio(train, forward, cuts),
+                                   "pipeline_step": stage_cost_ratio(part_costs(train, cuts))}
+    return split
+
+
+def _run_on_one_device(session: _Session, modes: list[str], splits: dict[str, dict]) -> None:
+    """The one-process runs: e2e, e2e on every rank's threads, alternate and the pipeline on one device."""
+    threads, P = session.opts.threads, session.parts
+    primary = next(iter(splits))
+    cuts = splits[primary]["cuts"]
+    if "e2e" in modes:
+        _run_single(session, "e2e", "e2e", [], threads)
+    if "e2e-threads" in modes:
+        _run_single(session, f"e2e x{P * threads} threads", "e2e", [], P * threads)
+    if "alternate" in modes:
+        _run_single(session, f"alternate {primary}", "alternate", cuts, threads, primary)
+    if "pipeline-1dev" in modes:
+        _run_single(session, f"pipeline {primary} 1 dev", "pipeline", cuts, threads, primary)
+
+
+def _run_single(session: _Session, name: str, schedule: str, cuts: list[int], threads: int,
+                scheme: str | None = None) -> None:
+    def run() -> None:
+        (res,) = session.launch({"mode": "single", "schedule": schedule, "cuts": cuts, "threads": threads}, 1, name)
+        session.record(name, "single", _single_metrics(res, session.opts.warmup, len(cuts) + 1, schedule),
                        schedule=schedule, scheme=scheme, cuts=cuts, ranks_count=1, threads_per_rank=threads,
                        bandwidth=None)
-            attempt(name, go)
+    session.attempt(name, run)
 
-        if "e2e" in modes:
-            single("e2e", "e2e", [], opts.threads)
-        if "e2e-threads" in modes:
-            single(f"e2e x{P * opts.threads} threads", "e2e", [], P * opts.threads)
-        if "alternate" in modes:
-            single(f"alternate {primary}", "alternate", splits[primary]["cuts"], opts.threads, primary)
-        if "pipeline-1dev" in modes:
-            single(f"pipeline {primary} 1 dev", "pipeline", splits[primary]["cuts"], opts.threads, primary)
-        for bw in opts.bandwidths:
-            link = f" @{_fmt_bw(bw)}" if bw else ""
-            if "ddp" in modes:
-                def go_ddp(bw=bw, link=link):
-                    res = _launch({**base_spec, "mode": "ddp", "bandwidth": bw}, P, work, f"ddp{_slug(bw)}",
-                                  opts.timeout_s)
-                    record(f"ddp x{P}{link}", "ddp", _ddp_metrics(res, opts.warmup), schedule="e2e", scheme=None,
+
+def _run_on_ranks(session: _Session, modes: list[str], splits: dict[str, dict], bw: float) -> None:
+    """The P-rank runs over links of ``bw`` bytes/s: DDP, then the pipeline of every distinct split."""
+    P, opts = session.parts, session.opts
+    link = f" @{_fmt_bw(bw)}" if bw else ""
+    if "ddp" in modes:
+        def run_ddp() -> None:
+            res = session.launch({"mode": "ddp", "bandwidth": bw}, P, f"ddp{_slug(bw)}")
+            session.record(f"ddp x{P}{link}", "ddp", _ddp_metrics(res, opts.warmup), schedule="e2e", scheme=None,
                            cuts=[], ranks_count=P, threads_per_rank=opts.threads, bandwidth=bw)
-                attempt(f"ddp x{P}{link}", go_ddp)
-            if "pipeline" in modes:
-                for scheme, split in splits.items():
-                    name = f"pipeline {scheme} x{P}{link}"
-                    if split["same_as"]:
-                        report["notes"].append(f"{name}: the same cuts as {split['same_as']}, not run again")
-                        continue
+        session.attempt(f"ddp x{P}{link}", run_ddp)
+    if "pipeline" not in modes:
+        return
+    for scheme, split in splits.items():
+        name = f"pipeline {scheme} x{P}{link}"
+        if split["same_as"]:
+            session.report["notes"].append(f"{name}: the same cuts as {split['same_as']}, not run again")
+            continue
 
-                    def go_pipe(scheme=scheme, split=split, bw=bw, name=name):
-                        res = _launch({**base_spec, "mode": "stage", "bandwidth": bw, "cuts": split["cuts"]}, P, work,
-                                      f"pipeline-{scheme}{_slug(bw)}", opts.timeout_s)
-                        record(name, "pipeline", _stage_metrics(res, opts.warmup, opts.steps), schedule="pipeline",
-                               scheme=scheme, cuts=split["cuts"], ranks_count=P, threads_per_rank=opts.threads,
-                               bandwidth=bw)
-                    attempt(name, go_pipe)
-    finally:
-        if not opts.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    report["machine"]["load_after"] = _load()
-    report["seconds"] = time.time() - started
-    _derive(report, cfg, shape, P)
-    return report
+        def run_pipeline(scheme=scheme, cuts=split["cuts"], name=name) -> None:
+            res = session.launch({"mode": "stage", "bandwidth": bw, "cuts": cuts}, P, f"pipeline-{scheme}{_slug(bw)}")
+            session.record(name, "pipeline", _stage_metrics(res, opts.warmup, opts.steps), schedule="pipeline",
+                           scheme=scheme, cuts=cuts, ranks_count=P, threads_per_rank=opts.threads, bandwidth=bw)
+        session.attempt(name, run_pipeline)
 
 
 def _fmt_bw(bw: float) -> str:
@@ -435,41 +505,42 @@ def _slug(bw: float) -> str:
 
 def _derive(report: dict, cfg: Config, shape, P: int) -> None:
     """Speed-ups, ratios to end-to-end, predictions of the paper's plan, and the targets."""
-    from pipeflow.tools.flops import data_parallel_cost_ratio, paper_plan_ratio  # noqa: PLC0415
-
     runs = [r for r in report["runs"] if "error" not in r]
     e2e = next((r for r in runs if r["name"] == "e2e"), None)
-    splits = report["splits"]
     for r in runs:
-        r["speedup"] = r["images_per_s"] / e2e["images_per_s"] if e2e else None
-        r["step_ratio"] = r["step_seconds"] / e2e["step_seconds"] if e2e else None
-        split = splits.get(r.get("scheme")) or {}
-        fm, mm = split.get("flop_model", {}), split.get("measured_model", {})
-        if r["kind"] == "ddp":
-            r["flop_model_step_ratio"] = data_parallel_cost_ratio(P)
-        elif r["kind"] == "pipeline":
-            r["flop_model_step_ratio"] = fm.get("pipeline_step")
-            r["measured_model_step_ratio"] = mm.get("pipeline_step")
-        elif r["schedule"] == "alternate":
-            r["flop_model_step_ratio"] = fm.get("alternate_step")
-            r["measured_model_step_ratio"] = mm.get("alternate_step")
-        elif r["threads_per_rank"] == report["settings"]["threads_per_rank"]:
-            r["flop_model_step_ratio"] = 1.0
+        _add_ratios(r, e2e, report["splits"], P, report["settings"]["threads_per_rank"])
+    report["predictions"] = _predictions(runs, cfg, shape, P)
+    report["targets"] = _targets(report, runs, e2e, P)
 
+
+def _add_ratios(r: dict, e2e: dict | None, splits: dict, P: int, threads: int) -> None:
+    """A run's speed-up and step ratio to e2e, and the step ratios the FLOP and measured cost models predict."""
+    from pipeflow.tools.flops import data_parallel_cost_ratio  # noqa: PLC0415
+
+    r["speedup"] = r["images_per_s"] / e2e["images_per_s"] if e2e else None
+    r["step_ratio"] = r["step_seconds"] / e2e["step_seconds"] if e2e else None
+    split = splits.get(r.get("scheme")) or {}
+    fm, mm = split.get("flop_model", {}), split.get("measured_model", {})
+    if r["kind"] == "ddp":
+        r["flop_model_step_ratio"] = data_parallel_cost_ratio(P)
+    elif r["kind"] == "pipeline":
+        r["flop_model_step_ratio"] = fm.get("pipeline_step")
+        r["measured_model_step_ratio"] = mm.get("pipeline_step")
+    elif r["schedule"] == "alternate":
+        r["flop_model_step_ratio"] = fm.get("alternate_step")
+        r["measured_model_step_ratio"] = mm.get("alternate_step")
+    elif r["threads_per_rank"] == threads:
+        r["flop_model_step_ratio"] = 1.0
+
+
+def _predictions(runs: list[dict], cfg: Config, shape, P: int) -> dict:
+    """The paper's plan (E1 epochs by parts, E2 end to end) against E1 + E2 epochs end to end:
+    predicted and measured."""
     e1, e2 = cfg.train.by_parts_epochs, cfg.train.finetune_epochs
     pred: dict = {"by_parts_epochs": e1, "finetune_epochs": e2}
     alt = next((r for r in runs if r.get("schedule") == "alternate"), None)
     if alt:
-        pred["alternate"] = {
-            "scheme": alt["scheme"],
-            "step_ratio": {"flop_model": alt.get("flop_model_step_ratio"),
-                           "measured_cost_model": alt.get("measured_model_step_ratio"),
-                           "measured": alt["step_ratio"]},
-            "plan_ratio": {k: (paper_plan_ratio(v, e1, e2) if v is not None else None) for k, v in
-                           (("flop_model", alt.get("flop_model_step_ratio")),
-                            ("measured_cost_model", alt.get("measured_model_step_ratio")),
-                            ("measured", alt["step_ratio"]))},
-        }
+        pred["alternate"] = _alternate_prediction(alt, e1, e2)
     if _paper_config(cfg, shape):
         pred["paper_plan_ratio"] = PAPER_PLAN[P]
         pred["paper_note"] = ("the paper measured 720 / 1026 min (2 parts) and 647 / 1020 min (3 parts) "
@@ -477,24 +548,45 @@ def _derive(report: dict, cfg: Config, shape, P: int) -> None:
     pipes = [r for r in runs if r["kind"] == "pipeline" and not r.get("bandwidth")]
     ddp = next((r for r in runs if r["kind"] == "ddp" and not r.get("bandwidth")), None)
     if pipes:
-        best = min(pipes, key=lambda r: r["step_seconds"])
-        ft_measured = ddp["step_ratio"] if ddp else None
-        total = e1 + e2
-        pred["distributed"] = {
-            "scheme": best["scheme"], "finetune": "ddp",
-            "step_ratio": {"flop_model": best.get("flop_model_step_ratio"), "measured": best["step_ratio"],
-                           "ddp_measured": ft_measured, "ddp_flop_model": data_parallel_cost_ratio(P)},
-            # (E1 pipeline epochs + E2 DDP epochs on P ranks) / (E1 + E2) end-to-end epochs on one device
-            "plan_ratio_vs_one_device": {
-                "flop_model": (e1 * best["flop_model_step_ratio"] + e2 * data_parallel_cost_ratio(P)) / total
-                if total and best.get("flop_model_step_ratio") is not None else None,
-                "measured": (e1 * best["step_ratio"] + e2 * ft_measured) / total if total and ft_measured else None},
-            # ... against (E1 + E2) DDP epochs on the same P ranks
-            "plan_ratio_vs_ddp": ((e1 * best["step_ratio"] + e2 * ft_measured) / (total * ft_measured)
-                                  if total and ft_measured else None),
-        }
-    report["predictions"] = pred
-    report["targets"] = _targets(report, runs, e2e, P)
+        pred["distributed"] = _distributed_prediction(min(pipes, key=lambda r: r["step_seconds"]), ddp, e1, e2, P)
+    return pred
+
+
+def _alternate_prediction(alt: dict, e1: int, e2: int) -> dict:
+    """The alternate schedule on one device: its step and the whole plan relative to e2e."""
+    from pipeflow.tools.flops import paper_plan_ratio  # noqa: PLC0415
+
+    return {
+        "scheme": alt["scheme"],
+        "step_ratio": {"flop_model": alt.get("flop_model_step_ratio"),
+                       "measured_cost_model": alt.get("measured_model_step_ratio"),
+                       "measured": alt["step_ratio"]},
+        "plan_ratio": {k: (paper_plan_ratio(v, e1, e2) if v is not None else None) for k, v in
+                       (("flop_model", alt.get("flop_model_step_ratio")),
+                        ("measured_cost_model", alt.get("measured_model_step_ratio")),
+                        ("measured", alt["step_ratio"]))},
+    }
+
+
+def _distributed_prediction(best: dict, ddp: dict | None, e1: int, e2: int, P: int) -> dict:
+    """The plan on P ranks: by parts on the fastest pipeline, then DDP fine-tuning."""
+    from pipeflow.tools.flops import data_parallel_cost_ratio  # noqa: PLC0415
+
+    ft_measured = ddp["step_ratio"] if ddp else None
+    total = e1 + e2
+    return {
+        "scheme": best["scheme"], "finetune": "ddp",
+        "step_ratio": {"flop_model": best.get("flop_model_step_ratio"), "measured": best["step_ratio"],
+                       "ddp_measured": ft_measured, "ddp_flop_model": data_parallel_cost_ratio(P)},
+        # (E1 pipeline epochs + E2 DDP epochs on P ranks) / (E1 + E2) end-to-end epochs on one device
+        "plan_ratio_vs_one_device": {
+            "flop_model": (e1 * best["flop_model_step_ratio"] + e2 * data_parallel_cost_ratio(P)) / total
+            if total and best.get("flop_model_step_ratio") is not None else None,
+            "measured": (e1 * best["step_ratio"] + e2 * ft_measured) / total if total and ft_measured else None},
+        # ... against (E1 + E2) DDP epochs on the same P ranks
+        "plan_ratio_vs_ddp": ((e1 * best["step_ratio"] + e2 * ft_measured) / (total * ft_measured)
+                              if total and ft_measured else None),
+    }
 
 
 def _targets(report: dict, runs: list[dict], e2e: dict | None, P: int) -> list[dict]:
@@ -562,7 +654,59 @@ def _bytes(b) -> str:
     return f"{b:.0f} B"
 
 
+def _measured_costs_shown(runs: list[dict]) -> bool:
+    """Whether the runs table gets a column for the measured cost model's predictions."""
+    return any(r.get("measured_model_step_ratio") is not None for r in runs)
+
+
+def _run_columns(measured: bool) -> list[str]:
+    return ["run", "ranks", "img/s", "speed-up", "step ms", "/e2e", "FLOPs", *(["costs"] if measured else []),
+            "busy", "idle ms", "peak MiB", "fwd B", "bwd B"]
+
+
+def _run_cells(r: dict, measured: bool, step_ms: str) -> list[str]:
+    """One run's row of the runs table (``step_ms``: the format of its step time in milliseconds)."""
+    ranks = r["ranks"]
+    pipe = r["kind"] == "pipeline"
+    return [r["name"], f"{r['ranks_count']}x{r['threads_per_rank']}", f"{r['images_per_s']:.1f}",
+            _f(r.get("speedup"), "{:.2f}x"), step_ms.format(1000 * r["step_seconds"]),
+            _f(r.get("step_ratio"), "{:.3f}"),
+            _f(r.get("flop_model_step_ratio"), "{:.3f}"),
+            *([_f(r.get("measured_model_step_ratio"), "{:.3f}")] if measured else []),
+            "/".join(_f(x["busy_fraction"], "{:.0%}") for x in ranks) if pipe else "-",
+            "/".join(_f(x["idle_seconds_per_step"] * 1000, "{:.0f}") for x in ranks) if pipe else "-",
+            "/".join(_mib(x["peak_memory_bytes"]) for x in ranks),
+            _bytes(r.get("forward_bytes_per_rank_per_step")), _bytes(r.get("backward_bytes_per_rank_per_step"))]
+
+
+def _split_cells(scheme: str, sp: dict, runs: list[dict]) -> list[str]:
+    """One split's row: its cuts, each part's shares, and what each stage of its unthrottled pipeline run did."""
+    run = next((r for r in runs if r.get("kind") == "pipeline" and r.get("scheme") == (sp["same_as"] or scheme)
+                and not r.get("bandwidth") and "error" not in r), None)
+    return [scheme + (f" (= {sp['same_as']})" if sp["same_as"] else ""), ",".join(map(str, sp["cuts"])),
+            "/".join(f"{p['flop_share']:.0%}" for p in sp["parts"]),
+            "/".join(_f(p["measured_share"], "{:.0%}") for p in sp["parts"]),
+            "/".join(f"{x['busy_seconds_per_step'] * 1000:.0f}" for x in run["ranks"]) if run else "-",
+            "/".join(f"{x['idle_seconds_per_step'] * 1000:.0f}" for x in run["ranks"]) if run else "-",
+            f"{run['images_per_s']:.1f}" if run else "-"]
+
+
 def render(report: dict, console) -> None:
+    """Every table of the report on a rich console."""
+    console.print(_runs_table(report))
+    if report["splits"]:
+        console.print(_splits_table(report))
+    console.print(_predictions_table(report.get("predictions", {})))
+    if report.get("targets"):
+        console.print(_targets_table(report["targets"]))
+    for note in report.get("notes", []):
+        console.print(f"[dim]note: {note}[/dim]")
+    m = report["machine"]
+    console.print(f"[dim]load average before {m['load_before']}, after {m['load_after']} on {m['cpu_count']} CPUs; "
+                  f"{report['seconds']:.0f} s[/dim]")
+
+
+def _runs_table(report: dict):
     from rich.table import Table  # noqa: PLC0415
 
     s = report["settings"]
@@ -570,25 +714,15 @@ def render(report: dict, console) -> None:
     title = (f"pipeflow bench: {s['parts']} parts, batch {s['batch']}, {s['steps']} timed steps after {s['warmup']}, "
              f"{s['threads_per_rank']} thread(s) per device, {report['machine']['device']}")
     t = Table(title=title)
-    measured = any(r.get("measured_model_step_ratio") is not None for r in runs)
-    cols = ["run", "ranks", "img/s", "speed-up", "step ms", "/e2e", "FLOPs", *(["costs"] if measured else []),
-            "busy", "idle ms", "peak MiB", "fwd B", "bwd B"]
+    measured = _measured_costs_shown(runs)
+    cols = _run_columns(measured)
     for col in cols:
         t.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
     for r in runs:
         if "error" in r:
             t.add_row(r["name"], *["" for _ in cols[2:]], "failed")
-            continue
-        ranks = r["ranks"]
-        pipe = r["kind"] == "pipeline"
-        busy = "/".join(_f(x["busy_fraction"], "{:.0%}") for x in ranks) if pipe else "-"
-        idle = "/".join(_f(x["idle_seconds_per_step"] * 1000, "{:.0f}") for x in ranks) if pipe else "-"
-        peak = "/".join(_mib(x["peak_memory_bytes"]) for x in ranks)
-        t.add_row(r["name"], f"{r['ranks_count']}x{r['threads_per_rank']}", f"{r['images_per_s']:.1f}",
-                  _f(r.get("speedup"), "{:.2f}x"), f"{1000 * r['step_seconds']:.1f}", _f(r.get("step_ratio"), "{:.3f}"),
-                  _f(r.get("flop_model_step_ratio"), "{:.3f}"),
-                  *([_f(r.get("measured_model_step_ratio"), "{:.3f}")] if measured else []), busy, idle, peak,
-                  _bytes(r.get("forward_bytes_per_rank_per_step")), _bytes(r.get("backward_bytes_per_rank_per_step")))
+        else:
+            t.add_row(*_run_cells(r, measured, "{:.1f}"))
     t.caption = ("ranks: processes x threads; a/b: rank 0/rank 1; speed-up: images/s over e2e's; /e2e: step time over "
                  "e2e's (P-rank pipeline: the slowest rank's interval between updates); FLOPs"
                  + (", costs" if measured else "") + ": that ratio as the FLOP model"
@@ -596,24 +730,23 @@ def render(report: dict, console) -> None:
                  + " predict it; busy: share of the time in updates; idle ms: per step; peak: above the process's "
                  "baseline; fwd, bwd B: the most any rank sends per step, forward to the next stage or, for DDP, "
                  "in the gradient all-reduce")
-    console.print(t)
+    return t
 
-    if report["splits"]:
-        st = Table(title="splits: the share of each part, and what each stage did on the P ranks")
-        for col in ("scheme", "cuts", "FLOP share", "measured share", "stage busy ms/step", "idle ms/step", "images/s"):
-            st.add_column(col, justify="right" if col != "scheme" else "left")
-        for scheme, sp in report["splits"].items():
-            run = next((r for r in runs if r.get("kind") == "pipeline" and r.get("scheme") == (sp["same_as"] or scheme)
-                        and not r.get("bandwidth") and "error" not in r), None)
-            st.add_row(scheme + (f" (= {sp['same_as']})" if sp["same_as"] else ""), ",".join(map(str, sp["cuts"])),
-                       "/".join(f"{p['flop_share']:.0%}" for p in sp["parts"]),
-                       "/".join(_f(p["measured_share"], "{:.0%}") for p in sp["parts"]),
-                       "/".join(f"{x['busy_seconds_per_step'] * 1000:.0f}" for x in run["ranks"]) if run else "-",
-                       "/".join(f"{x['idle_seconds_per_step'] * 1000:.0f}" for x in run["ranks"]) if run else "-",
-                       f"{run['images_per_s']:.1f}" if run else "-")
-        console.print(st)
 
-    pred = report.get("predictions", {})
+def _splits_table(report: dict):
+    from rich.table import Table  # noqa: PLC0415
+
+    st = Table(title="splits: the share of each part, and what each stage did on the P ranks")
+    for col in ("scheme", "cuts", "FLOP share", "measured share", "stage busy ms/step", "idle ms/step", "images/s"):
+        st.add_column(col, justify="right" if col != "scheme" else "left")
+    for scheme, sp in report["splits"].items():
+        st.add_row(*_split_cells(scheme, sp, report["runs"]))
+    return st
+
+
+def _predictions_table(pred: dict):
+    from rich.table import Table  # noqa: PLC0415
+
     pt = Table(title=f"predictions: {pred.get('by_parts_epochs')} epochs by parts + {pred.get('finetune_epochs')} "
                      f"end to end, against all end to end")
     for col in ("quantity", "FLOP model", "cost model", "measured", "paper"):
@@ -633,21 +766,19 @@ def render(report: dict, console) -> None:
                    _f(d["plan_ratio_vs_one_device"]["flop_model"], "{:.3f}"), "",
                    _f(d["plan_ratio_vs_one_device"]["measured"], "{:.3f}"), "")
         pt.add_row("plan on P ranks / DDP on P ranks", "", "", _f(d["plan_ratio_vs_ddp"], "{:.3f}"), "")
-    console.print(pt)
+    return pt
 
-    if report.get("targets"):
-        tt = Table(title="targets (informative: never asserted in tests)")
-        for col in ("target", "run", "value", "threshold", "met"):
-            tt.add_column(col, justify="left" if col in ("target", "run") else "right")
-        for x in report["targets"]:
-            tt.add_row(x["target"], x["run"], _f(x["value"], "{:.3f}"), f"{x['threshold']:.3f}",
-                       "[green]yes[/green]" if x["met"] else "[red]no[/red]")
-        console.print(tt)
-    for note in report.get("notes", []):
-        console.print(f"[dim]note: {note}[/dim]")
-    m = report["machine"]
-    console.print(f"[dim]load average before {m['load_before']}, after {m['load_after']} on {m['cpu_count']} CPUs; "
-                  f"{report['seconds']:.0f} s[/dim]")
+
+def _targets_table(targets: list[dict]):
+    from rich.table import Table  # noqa: PLC0415
+
+    tt = Table(title="targets (informative: never asserted in tests)")
+    for col in ("target", "run", "value", "threshold", "met"):
+        tt.add_column(col, justify="left" if col in ("target", "run") else "right")
+    for x in targets:
+        tt.add_row(x["target"], x["run"], _f(x["value"], "{:.3f}"), f"{x['threshold']:.3f}",
+                   "[green]yes[/green]" if x["met"] else "[red]no[/red]")
+    return tt
 
 
 def write_json(report: dict, path: Path) -> None:
@@ -657,45 +788,41 @@ def write_json(report: dict, path: Path) -> None:
 
 def to_markdown(report: dict) -> str:
     """The report's tables as Markdown (for docs/benchmarks.md)."""
-    s = report["settings"]
-    runs = report["runs"]
+    s, m = report["settings"], report["machine"]
     lines = [f"{s['parts']} parts, batch {s['batch']}, {s['steps']} timed steps after {s['warmup']}, "
-             f"{s['threads_per_rank']} thread(s) per device, {report['machine']['device']}; load average "
-             f"{report['machine']['load_before']} before, {report['machine']['load_after']} after "
-             f"({report['machine']['cpu_count']} CPUs)", ""]
-    measured = any(r.get("measured_model_step_ratio") is not None for r in runs)
-    head = ["run", "ranks", "img/s", "speed-up", "step ms", "/e2e", "FLOPs", *(["costs"] if measured else []),
-            "busy", "idle ms", "peak MiB", "fwd B", "bwd B"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in runs:
-        if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:80]} |")
-            continue
-        pipe = r["kind"] == "pipeline"
-        ranks = r["ranks"]
-        row = [r["name"], f"{r['ranks_count']}x{r['threads_per_rank']}", f"{r['images_per_s']:.1f}",
-               _f(r.get("speedup"), "{:.2f}x"), f"{1000 * r['step_seconds']:.0f}", _f(r.get("step_ratio"), "{:.3f}"),
-               _f(r.get("flop_model_step_ratio"), "{:.3f}"),
-               *([_f(r.get("measured_model_step_ratio"), "{:.3f}")] if measured else []),
-               "/".join(_f(x["busy_fraction"], "{:.0%}") for x in ranks) if pipe else "-",
-               "/".join(_f(x["idle_seconds_per_step"] * 1000, "{:.0f}") for x in ranks) if pipe else "-",
-               "/".join(_mib(x["peak_memory_bytes"]) for x in ranks),
-               _bytes(r.get("forward_bytes_per_rank_per_step")), _bytes(r.get("backward_bytes_per_rank_per_step"))]
-        lines.append("| " + " | ".join(row) + " |")
+             f"{s['threads_per_rank']} thread(s) per device, {m['device']}; load average "
+             f"{m['load_before']} before, {m['load_after']} after ({m['cpu_count']} CPUs)", ""]
+    lines += _markdown_runs(report["runs"])
     if report["splits"]:
         lines += ["", "| scheme | cuts | FLOP share | measured share | stage busy ms/step | idle ms/step | img/s |",
                   "|---|---|---|---|---|---|---|"]
-        for scheme, sp in report["splits"].items():
-            run = next((r for r in runs if r.get("kind") == "pipeline" and r.get("scheme") == (sp["same_as"] or scheme)
-                        and not r.get("bandwidth") and "error" not in r), None)
-            lines.append("| " + " | ".join([
-                scheme + (f" (= {sp['same_as']})" if sp["same_as"] else ""), ",".join(map(str, sp["cuts"])),
-                "/".join(f"{p['flop_share']:.0%}" for p in sp["parts"]),
-                "/".join(_f(p["measured_share"], "{:.0%}") for p in sp["parts"]),
-                "/".join(f"{x['busy_seconds_per_step'] * 1000:.0f}" for x in run["ranks"]) if run else "-",
-                "/".join(f"{x['idle_seconds_per_step'] * 1000:.0f}" for x in run["ranks"]) if run else "-",
-                f"{run['images_per_s']:.1f}" if run else "-"]) + " |")
-    pred = report.get("predictions", {})
+        lines += ["| " + " | ".join(_split_cells(scheme, sp, report["runs"])) + " |"
+                  for scheme, sp in report["splits"].items()]
+    rows = _markdown_prediction_rows(report.get("predictions", {}))
+    if rows:
+        lines += ["", "| prediction | FLOP model | cost model | measured | paper |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join([r[0], *(_f(x, "{:.3f}") for x in r[1:])]) + " |" for r in rows]
+    if report.get("targets"):
+        lines += ["", "| target | run | value | threshold | met |", "|---|---|---|---|---|"]
+        lines += [f"| {x['target']} | {x['run']} | {_f(x['value'], '{:.3f}')} | {x['threshold']:.3f} | "
+                  f"{'yes' if x['met'] else '**no**'} |" for x in report["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_runs(runs: list[dict]) -> list[str]:
+    measured = _measured_costs_shown(runs)
+    head = _run_columns(measured)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:80]} |")
+        else:
+            lines.append("| " + " | ".join(_run_cells(r, measured, "{:.0f}")) + " |")
+    return lines
+
+
+def _markdown_prediction_rows(pred: dict) -> list[list]:
+    """``[quantity, FLOP model, cost model, measured, paper]`` for each prediction (None where there is none)."""
     rows = []
     if "alternate" in pred:
         a = pred["alternate"]
@@ -712,11 +839,4 @@ def to_markdown(report: dict) -> str:
                      d["plan_ratio_vs_one_device"]["flop_model"], None, d["plan_ratio_vs_one_device"]["measured"],
                      None])
         rows.append(["plan on P ranks / DDP on P ranks", None, None, d["plan_ratio_vs_ddp"], None])
-    if rows:
-        lines += ["", "| prediction | FLOP model | cost model | measured | paper |", "|---|---|---|---|---|"]
-        lines += ["| " + " | ".join([r[0], *(_f(x, "{:.3f}") for x in r[1:])]) + " |" for r in rows]
-    if report.get("targets"):
-        lines += ["", "| target | run | value | threshold | met |", "|---|---|---|---|---|"]
-        lines += [f"| {x['target']} | {x['run']} | {_f(x['value'], '{:.3f}')} | {x['threshold']:.3f} | "
-                  f"{'yes' if x['met'] else '**no**'} |" for x in report["targets"]]
-    return "\n".join(lines) + "\n"
+    return rows

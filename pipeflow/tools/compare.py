@@ -242,69 +242,18 @@ def compare(cfg: Config, out: str | Path, runs: str | Sequence[str] | None = Non
         raise UserError(f"output path {out} exists and is not a directory")
     work = Path(work_dir) if work_dir is not None else out
     plan = parse_runs(runs)
-    t = cfg.train
-    if t.by_parts_epochs + t.finetune_epochs < 1:
+    if cfg.train.by_parts_epochs + cfg.train.finetune_epochs < 1:
         raise UserError("train.by_parts_epochs + train.finetune_epochs must be at least 1 to compare anything")
     configs = {name: run_config(cfg, schedule, parts) for name, schedule, parts in plan}  # every error before training
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    load_start = _load_avg()
-
-    results: dict = {
-        "claim": {"text": CLAIM, "bpd_tolerance": CLAIM_BPD, "time_fraction": CLAIM_TIME, "paper": PAPER},
-        "baseline": BASELINE,
-        "command": command,
-        "epochs": {"by_parts": t.by_parts_epochs, "finetune": t.finetune_epochs,
-                   "e2e": t.by_parts_epochs + t.finetune_epochs},
-        "config": cfg.to_dict(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": _torch_version(), "threads": t.threads},
-        "load": {"start": load_start},
-        "work_dir": str(work),
-        "runs": {},
-    }
+    results = _new_results(cfg, command, work)
     for name, schedule, parts in plan:
-        run_cfg = configs[name]
-        run_dir = work / name
-        entry = {"name": name, "schedule": schedule, "parts": parts, "run_dir": str(run_dir)}
-        try:
-            summary, extra, reused = _train_one(name, run_cfg, run_dir, force, log)
-        except TrainingDiverged as exc:  # e.g. the (unstable) sequential ablation: record it, compare the rest
-            log(f"{name}: FAILED: {exc}")
-            entry.update({"error": str(exc), "test_bpd": None})
-            results["runs"][name] = entry
-            continue
-        summary = json_safe(summary)  # a fresh run's non-finite figures as null, like a reused run's
-        if summary["test_bpd"] is None:
-            log(f"{name}: FAILED: its final test bits/dim is not finite")
-            entry.update({"error": "the final test bits/dim is not finite", "test_bpd": None})
-            results["runs"][name] = entry
-            continue
-        phases = summary["phases"]
-        cpu_history = extra.get("cpu_history") or []
-        for i, record in enumerate(summary["history"]):
-            record["cpu_seconds"] = cpu_history[i] if i < len(cpu_history) else None
-        summary["history"] = [r for r in summary["history"] if r["test_bpd"] is not None]  # plots need numbers
-        entry.update({
-            "test_bpd": summary["test_bpd"],
-            "by_parts_test_bpd": phases.get("by_parts", {}).get("test_bpd"),
-            "train_seconds": summary["train_seconds"],
-            "by_parts_seconds": phases.get("by_parts", {}).get("seconds"),
-            "finetune_seconds": phases.get("finetune", phases.get("e2e", {})).get("seconds"),
-            "wall_seconds": summary["wall_seconds"],
-            "cpu_seconds": extra.get("cpu_seconds"),
-            "load_before": extra.get("load_before"),
-            "load_after": extra.get("load_after"),
-            "steps": summary["steps"],
-            "skipped_steps": summary["skipped_steps"],
-            "cuts": summary["cuts"],
-            "reused": reused,
-            "history": summary["history"],
-        })
-        entry["predicted"] = _predicted(run_cfg, schedule, parts)
+        entry = _run_entry(name, schedule, parts, configs[name], work / name, force, log)
         results["runs"][name] = entry
-        _finish(results)  # after every run, so a killed comparison still leaves what it measured
-        _write(out, results, started)
+        if "error" not in entry:
+            _finish(results)  # after every run, so a killed comparison still leaves what it measured
+            _write(out, results, started)
 
     results["load"]["end"] = _load_avg()
     results["samples"] = _copy_samples(results, out)
@@ -313,6 +262,68 @@ def compare(cfg: Config, out: str | Path, runs: str | Sequence[str] | None = Non
     _write(out, results, started, final=True)
     log(f"wrote {out / 'report.md'} and {out / 'compare.json'}")
     return results
+
+
+def _new_results(cfg: Config, command: str | None, work: Path) -> dict:
+    """The results before any run: the claim, the budget, the config and the machine."""
+    t = cfg.train
+    return {
+        "claim": {"text": CLAIM, "bpd_tolerance": CLAIM_BPD, "time_fraction": CLAIM_TIME, "paper": PAPER},
+        "baseline": BASELINE,
+        "command": command,
+        "epochs": {"by_parts": t.by_parts_epochs, "finetune": t.finetune_epochs,
+                   "e2e": t.by_parts_epochs + t.finetune_epochs},
+        "config": cfg.to_dict(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": _torch_version(), "threads": t.threads},
+        "load": {"start": _load_avg()},
+        "work_dir": str(work),
+        "runs": {},
+    }
+
+
+def _run_entry(name: str, schedule: str, parts: int, run_cfg: Config, run_dir: Path, force: bool, log: Log) -> dict:
+    """Train (or reuse) one run; its entry of the results. A run that diverged is recorded with its error."""
+    entry = {"name": name, "schedule": schedule, "parts": parts, "run_dir": str(run_dir)}
+    try:
+        summary, extra, reused = _train_one(name, run_cfg, run_dir, force, log)
+    except TrainingDiverged as exc:  # e.g. the (unstable) sequential ablation: record it, compare the rest
+        log(f"{name}: FAILED: {exc}")
+        entry.update({"error": str(exc), "test_bpd": None})
+        return entry
+    summary = json_safe(summary)  # a fresh run's non-finite figures as null, like a reused run's
+    if summary["test_bpd"] is None:
+        log(f"{name}: FAILED: its final test bits/dim is not finite")
+        entry.update({"error": "the final test bits/dim is not finite", "test_bpd": None})
+        return entry
+    entry.update(_measured(summary, extra, reused))
+    entry["predicted"] = _predicted(run_cfg, schedule, parts)
+    return entry
+
+
+def _measured(summary: dict, extra: dict, reused: bool) -> dict:
+    """What one finished run measured: bits/dim, seconds per phase, CPU time, load, and its eval history."""
+    phases = summary["phases"]
+    cpu_history = extra.get("cpu_history") or []
+    for i, record in enumerate(summary["history"]):
+        record["cpu_seconds"] = cpu_history[i] if i < len(cpu_history) else None
+    history = [r for r in summary["history"] if r["test_bpd"] is not None]  # plots need numbers
+    return {
+        "test_bpd": summary["test_bpd"],
+        "by_parts_test_bpd": phases.get("by_parts", {}).get("test_bpd"),
+        "train_seconds": summary["train_seconds"],
+        "by_parts_seconds": phases.get("by_parts", {}).get("seconds"),
+        "finetune_seconds": phases.get("finetune", phases.get("e2e", {})).get("seconds"),
+        "wall_seconds": summary["wall_seconds"],
+        "cpu_seconds": extra.get("cpu_seconds"),
+        "load_before": extra.get("load_before"),
+        "load_after": extra.get("load_after"),
+        "steps": summary["steps"],
+        "skipped_steps": summary["skipped_steps"],
+        "cuts": summary["cuts"],
+        "reused": reused,
+        "history": history,
+    }
 
 
 def _torch_version() -> str:
@@ -384,12 +395,8 @@ def _plots(results: dict, out: Path, log: Log) -> list[str]:
     Each figure has two panels: the whole curves (clipped above at the typical first evaluation),
     and a zoom on the final stretch, where the 0.02 band of the claim can be seen.
     """
-    try:
-        import matplotlib  # noqa: PLC0415
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         note = "matplotlib is not installed: plots skipped (pip install 'pipeflow[plots]')"
         log(f"note: {note}")
         results["plots_note"] = note
@@ -398,61 +405,94 @@ def _plots(results: dict, out: Path, log: Log) -> list[str]:
     if not runs:
         return []
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    base = results["runs"].get(BASELINE, {})
+    limits = _bpd_limits(runs)
+    kinds = [("time", "train_seconds", "training wall-clock (s)")]
+    if all(r.get("cpu_seconds") is not None for e in runs for r in e["history"]):
+        kinds.append(("cpu", "cpu_seconds", "training CPU time (s)"))
+    kinds.append(("epoch", "epoch", "epoch"))
+    return [_plot(plt, results, runs, kind, key, xlabel, limits, out) for kind, key, xlabel in kinds]
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only), or None when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return None
+    return plt
+
+
+def _bpd_limits(runs: list[dict]) -> tuple[float, float, float]:
+    """``(low, high, zoom_high)``: the bpd range of the full panel (clipped above at the typical first
+    evaluation) and the top of the zoom on the final stretch."""
     finals = [e["test_bpd"] for e in runs]
     values = [r["test_bpd"] for e in runs for r in e["history"]]
     firsts = sorted(e["history"][0]["test_bpd"] for e in runs)
     low = min(values)
     high = min(max(values), max(max(finals) + 0.05, firsts[len(firsts) // 2]))
     zoom_high = max(finals) + max(0.05, 0.3 * (max(finals) - low))
-    written = []
-    has_cpu = all(r.get("cpu_seconds") is not None for e in runs for r in e["history"])
-    kinds = [("time", "train_seconds", "training wall-clock (s)")]
-    if has_cpu:
-        kinds.append(("cpu", "cpu_seconds", "training CPU time (s)"))
-    kinds.append(("epoch", "epoch", "epoch"))
-    for kind, key, xlabel in kinds:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=100)
-        xmax = 0.0
-        for ax in axes:
-            for e in runs:
-                color, dash = STYLE.get(e["schedule"], ("tab:gray", "-"))
-                if e["parts"] > 2 and e["schedule"] in ("alternate", "pipeline"):
-                    color = {"alternate": "tab:purple", "pipeline": "tab:olive"}[e["schedule"]]
-                xs = [r[key] for r in e["history"]]
-                ys = [r["test_bpd"] for r in e["history"]]
-                xmax = max(xmax, max(xs))
-                ax.plot(xs, ys, dash, color=color, marker=".", label=f"{e['name']} ({e['test_bpd']:.3f})")
-                by_parts = [i for i, r in enumerate(e["history"]) if r["phase"] == "by_parts"]
-                if by_parts and len(by_parts) < len(e["history"]):
-                    i = by_parts[-1]
-                    ax.plot([xs[i]], [ys[i]], "o", color=color, mfc="none", ms=9)
-            if base.get("test_bpd") is not None:
-                ax.axhline(base["test_bpd"] + CLAIM_BPD, color="gray", lw=0.8, ls="--",
-                           label=f"e2e final + {CLAIM_BPD}")
-                if kind != "epoch" and base.get(key):
-                    ax.axvline(CLAIM_TIME * base[key], color="gray", lw=0.8, ls="-.",
-                               label=f"{CLAIM_TIME:.0%} of e2e time")
-                if kind == "epoch" and results["epochs"]["finetune"] and results["epochs"]["by_parts"]:
-                    ax.axvline(results["epochs"]["by_parts"], color="gray", lw=0.6, ls=":")
-            ax.set_xlabel(xlabel)
-            ax.grid(alpha=0.3)
-        full, zoom = axes
-        pad = 0.05 * max(high - low, 0.01)
-        full.set_ylim(low - pad, high + pad)
-        full.set_ylabel("test bits/dim")
-        full.set_title(f"test bits/dim against {xlabel.split(' (')[0]} (circle: end of by parts)", fontsize=10)
-        full.legend(fontsize=8)
-        zpad = 0.05 * max(zoom_high - low, 0.01)
-        zoom.set_ylim(low - zpad, zoom_high + zpad)
-        zoom.set_xlim(0.45 * xmax, 1.02 * xmax)
-        zoom.set_title("zoom on the final stretch", fontsize=10)
-        fig.tight_layout()
-        path = out / "plots" / f"bpd_vs_{kind}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(f"plots/{path.name}")
-    return written
+    return low, high, zoom_high
+
+
+def _plot(plt, results: dict, runs: list[dict], kind: str, key: str, xlabel: str,
+          limits: tuple[float, float, float], out: Path) -> str:
+    """One figure, test bpd against ``key``: the whole curves and a zoom; written into ``out/plots``."""
+    low, high, zoom_high = limits
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=100)
+    xmax = 0.0
+    for ax in axes:
+        xmax = max(xmax, _draw_curves(ax, runs, key))
+        _draw_claim(ax, results, kind, key)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    full, zoom = axes
+    pad = 0.05 * max(high - low, 0.01)
+    full.set_ylim(low - pad, high + pad)
+    full.set_ylabel("test bits/dim")
+    full.set_title(f"test bits/dim against {xlabel.split(' (')[0]} (circle: end of by parts)", fontsize=10)
+    full.legend(fontsize=8)
+    zpad = 0.05 * max(zoom_high - low, 0.01)
+    zoom.set_ylim(low - zpad, zoom_high + zpad)
+    zoom.set_xlim(0.45 * xmax, 1.02 * xmax)
+    zoom.set_title("zoom on the final stretch", fontsize=10)
+    fig.tight_layout()
+    path = out / "plots" / f"bpd_vs_{kind}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return f"plots/{path.name}"
+
+
+def _draw_curves(ax, runs: list[dict], key: str) -> float:
+    """Each run's test bpd against ``key``, a circle where its by-parts phase ends; returns the largest x."""
+    xmax = 0.0
+    for e in runs:
+        color, dash = STYLE.get(e["schedule"], ("tab:gray", "-"))
+        if e["parts"] > 2 and e["schedule"] in ("alternate", "pipeline"):
+            color = {"alternate": "tab:purple", "pipeline": "tab:olive"}[e["schedule"]]
+        xs = [r[key] for r in e["history"]]
+        ys = [r["test_bpd"] for r in e["history"]]
+        xmax = max(xmax, max(xs))
+        ax.plot(xs, ys, dash, color=color, marker=".", label=f"{e['name']} ({e['test_bpd']:.3f})")
+        by_parts = [i for i, r in enumerate(e["history"]) if r["phase"] == "by_parts"]
+        if by_parts and len(by_parts) < len(e["history"]):
+            i = by_parts[-1]
+            ax.plot([xs[i]], [ys[i]], "o", color=color, mfc="none", ms=9)
+    return xmax
+
+
+def _draw_claim(ax, results: dict, kind: str, key: str) -> None:
+    """The claim's lines: e2e final bpd + the tolerance, the time fraction of e2e's, the end of by parts."""
+    base = results["runs"].get(BASELINE, {})
+    if base.get("test_bpd") is None:
+        return
+    ax.axhline(base["test_bpd"] + CLAIM_BPD, color="gray", lw=0.8, ls="--", label=f"e2e final + {CLAIM_BPD}")
+    if kind != "epoch" and base.get(key):
+        ax.axvline(CLAIM_TIME * base[key], color="gray", lw=0.8, ls="-.", label=f"{CLAIM_TIME:.0%} of e2e time")
+    if kind == "epoch" and results["epochs"]["finetune"] and results["epochs"]["by_parts"]:
+        ax.axvline(results["epochs"]["by_parts"], color="gray", lw=0.6, ls=":")
 
 
 def _write(out: Path, results: dict, started: float, final: bool = False) -> None:
@@ -473,9 +513,23 @@ def _yes(x) -> str:
 
 def render_report(results: dict) -> str:
     """The markdown report, from the results dict alone."""
-    runs, claim, ep = results["runs"], results["claim"], results["epochs"]
-    cfg = results["config"]
-    base = runs.get(BASELINE, {})
+    runs = results["runs"]
+    lines = _header(results)
+    lines += _verdict(results)
+    lines += _table(runs)
+    lines += _equal_time(runs)
+    lines += _prediction(runs, results)
+    lines += _by_parts_alone(runs, results["epochs"])
+    lines += _sequential(runs, results["epochs"])
+    lines += _load(runs, results)
+    lines += _curves(results)
+    lines += _samples(results)
+    return "\n".join(lines)
+
+
+def _header(results: dict) -> list[str]:
+    """The title, the claim, the paper's figures, the setting and the command that reproduces the report."""
+    claim, ep, cfg = results["claim"], results["epochs"], results["config"]
     lines = ["# End-to-end against by parts: the paper's claim, measured", ""]
     if not results.get("complete"):
         lines += ["**Incomplete**: the comparison is still running or was interrupted; run the command again "
@@ -499,67 +553,79 @@ def render_report(results: dict) -> str:
     ]
     if results.get("command"):
         lines += ["Reproduce with:", "", "```bash", results["command"], "```", ""]
+    return lines
 
-    lines += ["## Verdict", ""]
+
+def _verdict(results: dict) -> list[str]:
+    """The claim run by run, how much the e2e bpd still moved at the end, and the paper's schedule's tally."""
+    runs, base = results["runs"], results["runs"].get(BASELINE, {})
+    lines = ["## Verdict", ""]
     if base.get("test_bpd") is None:
-        lines += ["The end-to-end baseline did not finish, so the claim cannot be checked.", ""]
-    else:
-        lines += [f"End-to-end: **{base['test_bpd']:.4f}** bits/dim in {base['train_seconds']:.1f} s of training "
-                  f"({_f(base.get('cpu_seconds'), '{:.1f}')} s of CPU time).", ""]
-        for name, e in runs.items():
-            if name == BASELINE:
-                continue
-            if e.get("test_bpd") is None:
-                lines.append(f"- `{name}`: failed ({e.get('error', 'no result')}).")
-                continue
-            verdict = "**held**" if e["claim_held"] else "**did not hold**"
-            why = []
-            within = "within" if e["bpd_within"] else "not within"
-            why.append(f"bpd {e['test_bpd']:.4f} ({e['bpd_diff']:+.4f}, {within} "
-                       f"{CLAIM_BPD})")
-            why.append(f"time {e['train_seconds']:.1f} s = {e['time_ratio']:.1%} of e2e "
-                       f"({'at most' if e['time_within'] else 'more than'} {CLAIM_TIME:.0%})")
-            if e.get("cpu_ratio") is not None:
-                why.append(f"CPU time {e['cpu_ratio']:.1%} of e2e (with CPU time for wall-clock the claim "
-                           f"{'holds' if e['claim_held_cpu'] else 'does not hold'})")
-            if e.get("fraction_to_target") is not None:
-                why.append(f"first within {CLAIM_BPD} of the e2e final bpd after {e['seconds_to_target']:.1f} s "
-                           f"({e['fraction_to_target']:.1%} of the e2e time)")
-            else:
-                why.append(f"never within {CLAIM_BPD} of the e2e final bpd at an evaluation")
-            lines.append(f"- `{name}`: {verdict}: " + "; ".join(why) + ".")
+        return lines + ["The end-to-end baseline did not finish, so the claim cannot be checked.", ""]
+    lines += [f"End-to-end: **{base['test_bpd']:.4f}** bits/dim in {base['train_seconds']:.1f} s of training "
+              f"({_f(base.get('cpu_seconds'), '{:.1f}')} s of CPU time).", ""]
+    lines += [f"- `{name}`: " + _run_verdict(e) for name, e in runs.items() if name != BASELINE]
+    lines.append("")
+    lines += _e2e_noise(base)
+    paper = results["claim"].get("alternate") or {}
+    if paper:
+        held = [n for n, h in paper.items() if h]
+        lines.append(f"**For the paper's schedule (alternate), the claim held for {len(held)} of {len(paper)} runs"
+                     f"{' (' + ', '.join(held) + ')' if held else ''}.**")
         lines.append("")
-        steps = [abs(b["test_bpd"] - a["test_bpd"]) for a, b in zip(base["history"], base["history"][1:])]
-        tail = steps[-max(1, len(steps) // 3):] if steps else []
-        if tail:
-            lines.append(f"How much to read into {CLAIM_BPD}: over its last {len(tail)} evaluations the e2e test bpd "
-                         f"still moved by up to {max(tail):.4f} from one epoch to the next "
-                         f"(mean {sum(tail) / len(tail):.4f}).")
-            lines.append("")
-        paper = claim.get("alternate") or {}
-        if paper:
-            held = [n for n, h in paper.items() if h]
-            lines.append(f"**For the paper's schedule (alternate), the claim held for {len(held)} of {len(paper)} runs"
-                         f"{' (' + ', '.join(held) + ')' if held else ''}.**")
-            lines.append("")
-    lines += _table(runs)
-    lines += _equal_time(runs)
-    lines += _prediction(runs, results)
-    lines += _by_parts_alone(runs, ep)
-    lines += _sequential(runs, ep)
-    lines += _load(runs, results)
+    return lines
+
+
+def _run_verdict(e: dict) -> str:
+    """Whether the claim held for one run, and why: bpd, time, CPU time, and when it first came within reach."""
+    if e.get("test_bpd") is None:
+        return f"failed ({e.get('error', 'no result')})."
+    verdict = "**held**" if e["claim_held"] else "**did not hold**"
+    within = "within" if e["bpd_within"] else "not within"
+    why = [f"bpd {e['test_bpd']:.4f} ({e['bpd_diff']:+.4f}, {within} {CLAIM_BPD})",
+           f"time {e['train_seconds']:.1f} s = {e['time_ratio']:.1%} of e2e "
+           f"({'at most' if e['time_within'] else 'more than'} {CLAIM_TIME:.0%})"]
+    if e.get("cpu_ratio") is not None:
+        why.append(f"CPU time {e['cpu_ratio']:.1%} of e2e (with CPU time for wall-clock the claim "
+                   f"{'holds' if e['claim_held_cpu'] else 'does not hold'})")
+    if e.get("fraction_to_target") is not None:
+        why.append(f"first within {CLAIM_BPD} of the e2e final bpd after {e['seconds_to_target']:.1f} s "
+                   f"({e['fraction_to_target']:.1%} of the e2e time)")
+    else:
+        why.append(f"never within {CLAIM_BPD} of the e2e final bpd at an evaluation")
+    return f"{verdict}: " + "; ".join(why) + "."
+
+
+def _e2e_noise(base: dict) -> list[str]:
+    """How much the e2e test bpd still moved from epoch to epoch over its last third: what the tolerance means."""
+    steps = [abs(b["test_bpd"] - a["test_bpd"]) for a, b in zip(base["history"], base["history"][1:])]
+    tail = steps[-max(1, len(steps) // 3):] if steps else []
+    if not tail:
+        return []
+    return [f"How much to read into {CLAIM_BPD}: over its last {len(tail)} evaluations the e2e test bpd "
+            f"still moved by up to {max(tail):.4f} from one epoch to the next "
+            f"(mean {sum(tail) / len(tail):.4f}).", ""]
+
+
+def _curves(results: dict) -> list[str]:
     if results.get("plots"):
-        lines += ["## Curves", "",
-                  "Test bits/dim after every epoch. The circle marks the end of the by-parts phase; the dashed "
-                  f"line is the e2e final bpd + {CLAIM_BPD}, the dash-dotted one {CLAIM_TIME:.0%} of the e2e time.", ""]
-        lines += [f"![{p}]({p})" for p in results["plots"]] + [""]
-    elif results.get("plots_note"):
-        lines += ["## Curves", "", f"*{results['plots_note']}.*", ""]
-    if results.get("samples"):
-        lines += ["## Samples", "", f"The last sample grid of each run (temperature {tr['temperature']}).", ""]
-        lines += ["| " + " | ".join(results["samples"]) + " |", "|" + " --- |" * len(results["samples"]),
-                  "| " + " | ".join(f"![{n}]({p})" for n, p in results["samples"].items()) + " |", ""]
-    return "\n".join(lines)
+        return (["## Curves", "",
+                 "Test bits/dim after every epoch. The circle marks the end of the by-parts phase; the dashed "
+                 f"line is the e2e final bpd + {CLAIM_BPD}, the dash-dotted one {CLAIM_TIME:.0%} of the e2e time.", ""]
+                + [f"![{p}]({p})" for p in results["plots"]] + [""])
+    if results.get("plots_note"):
+        return ["## Curves", "", f"*{results['plots_note']}.*", ""]
+    return []
+
+
+def _samples(results: dict) -> list[str]:
+    samples = results.get("samples")
+    if not samples:
+        return []
+    temperature = results["config"]["train"]["temperature"]
+    return ["## Samples", "", f"The last sample grid of each run (temperature {temperature}).", "",
+            "| " + " | ".join(samples) + " |", "|" + " --- |" * len(samples),
+            "| " + " | ".join(f"![{n}]({p})" for n, p in samples.items()) + " |", ""]
 
 
 def _table(runs: dict) -> list[str]:
@@ -603,9 +669,9 @@ def _equal_time(runs: dict) -> list[str]:
 
 def _prediction(runs: dict, results: dict) -> list[str]:
     lines = ["## Time: measured against the FLOP model", "",
-             "`pipeflow.tools.plan.predicted_ratios`: an alternate step trains one part, runs the parts before it under "
-             "no_grad and skips the ones after it; a pipeline step on one device does all the work of an e2e step. "
-             "*Step* is the predicted cost of a by-parts step relative to an e2e step, *plan* the predicted time "
+             "`pipeflow.tools.plan.predicted_ratios`: an alternate step trains one part, runs the parts before it "
+             "under no_grad and skips the ones after it; a pipeline step on one device does all the work of an e2e "
+             "step. *Step* is the predicted cost of a by-parts step relative to an e2e step, *plan* the predicted time "
              "of the whole run relative to e2e.", "",
              "| run | predicted step | predicted plan | measured by-parts step | measured time / e2e |",
              "| ---: | ---: | ---: | ---: | ---: |"]

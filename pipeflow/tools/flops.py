@@ -76,11 +76,6 @@ def alternate_cost_ratio(forward_flops: Sequence[float]) -> float:
     return sum(per_part) / len(per_part) / ((1 + BACKWARD_FACTOR) * total)
 
 
-def pipeline_cost_ratio(forward_flops: Sequence[float]) -> float:
-    """One device running every part on every batch: the same work as end-to-end."""
-    return 1.0
-
-
 def stage_cost_ratio(part_costs: Sequence[float]) -> float:
     """P ranks, one part each, in a pipeline: a step takes as long as the costliest part.
 

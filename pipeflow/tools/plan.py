@@ -12,7 +12,7 @@ from typing import Sequence
 
 from pipeflow.tools.balance import part_costs
 from pipeflow.config import Config
-from pipeflow.tools.flops import alternate_cost_ratio, part_flops, paper_plan_ratio, stage_cost_ratio, step_flops
+from pipeflow.tools.flops import alternate_cost_ratio, part_flops, paper_plan_ratio, step_flops
 from pipeflow.glow import Glow
 from pipeflow.parts import Part, split_into_parts
 
@@ -75,10 +75,3 @@ def measured_alternate_ratio(train_costs: Sequence[float], forward_costs: Sequen
     per_part = [sum(forward[:k]) + t for k, t in enumerate(train)]
     return sum(per_part) / len(per_part) / sum(train)
 
-
-def pipeline_ratios(model: Glow, parts: list[Part], step_costs: Sequence[float] | None = None) -> dict[str, float]:
-    """A P-rank pipeline step relative to an end-to-end step: the costliest part's share."""
-    out = {"pipeline_step_flops": stage_cost_ratio(part_flops(model, parts))}
-    if step_costs:
-        out["pipeline_step_measured"] = stage_cost_ratio(part_costs(step_costs, cuts_of(parts)))
-    return out
