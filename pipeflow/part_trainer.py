@@ -12,29 +12,12 @@ import torch
 from torch import nn
 
 from pipeflow.config import TrainConfig
-from pipeflow.glow.actnorm import ActNorm
-from pipeflow.glow.invconv import InvConv1x1, InvConv1x1LU, SingularWeightError
+from pipeflow.glow.model import check_invertible
 from pipeflow.objective import PartLikelihood, PartOutput, part_objective
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses or gradients."""
-
-
-def check_invertible(module: nn.Module, where: str = "") -> None:
-    """Raise :class:`SingularWeightError` naming the first 1x1 convolution or ActNorm of
-    ``module`` that is no longer invertible (a singular weight, a zero or non-finite scale)."""
-    prefix = f"{where}: " if where else ""
-    for name, m in module.named_modules():
-        if isinstance(m, (InvConv1x1, InvConv1x1LU)):
-            try:
-                m.check_invertible(m.name or name)
-            except SingularWeightError as exc:
-                raise SingularWeightError(f"{prefix}{exc}") from None
-        elif isinstance(m, ActNorm):
-            if not torch.isfinite(m.log_scale.detach()).all() or not torch.isfinite(m.bias.detach()).all():
-                raise SingularWeightError(f"{prefix}ActNorm {m.name or name} has a non-finite scale or bias "
-                                          "(not invertible)")
 
 
 def optimizer_states(trainers) -> dict[nn.Parameter, dict]:

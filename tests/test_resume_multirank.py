@@ -85,33 +85,45 @@ def test_killed_ranks_restart_under_torchrun_and_end_like_an_uninterrupted_run(t
     assert mine["test_bpd"] == theirs["test_bpd"]
 
 
-def test_a_silent_rank_fails_every_other_rank_in_bounded_time(tmp_path):
-    """Rank 1 of 3 stops (SIGSTOP) after step 3; ranks 0 and 2 must give up after distributed.timeout_s (12 s: the
-    start-up of three processes on two busy cores must fit in it too)."""
-    config = write_config(tmp_path, CHECKPOINTED_MULTIRANK, {"parts.count": 3, "distributed.timeout_s": 12,
-                                                             "checkpoint.every_steps": 0, "train.finetune_epochs": 0})
+def _start_ranks(config, out, world: int, fault: str) -> list[subprocess.Popen]:
+    """``world`` ranks of pipeflow.launch started by hand (not torchrun, which would stop the others at once)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
-    for rank in range(3):
-        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "3", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "3",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PIPEFLOW_TEST_FAULT": "stop:1:3"}
+    for rank in range(world):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "PIPEFLOW_TEST_FAULT": fault}
         procs.append(subprocess.Popen([sys.executable, "-m", "pipeflow.launch", "--config", str(config), "--out",
-                                       str(tmp_path / "run")], env=env, cwd=ROOT, text=True,
+                                       str(out)], env=env, cwd=ROOT, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def _outcomes_while_one_is_stopped(procs: list[subprocess.Popen], stopped: int) -> dict[int, tuple[int, str]]:
+    """Wait (bounded) for every rank but ``stopped``; then kill it. Returns ``{rank: (status, stderr)}``."""
     try:
         results = {}
-        for rank in (0, 2):
-            _, err = procs[rank].communicate(timeout=120)  # bounded: startup, 3 steps, then 12 s of silence
-            results[rank] = (procs[rank].returncode, err)
-        assert procs[1].poll() is None  # still stopped
+        for rank, p in enumerate(procs):
+            if rank != stopped:
+                _, err = p.communicate(timeout=120)  # bounded: start-up, a few steps, then the timeout's silence
+                results[rank] = (p.returncode, err)
+        assert procs[stopped].poll() is None  # still stopped
     finally:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
-    assert procs[1].returncode == -signal.SIGKILL
+    return results
+
+
+def test_a_silent_rank_fails_every_other_rank_in_bounded_time(tmp_path):
+    """Rank 1 of 3 stops (SIGSTOP) after step 3 of the by-parts phase; ranks 0 and 2 must give up after
+    distributed.timeout_s (12 s: the start-up of three processes on two busy cores must fit in it too)."""
+    config = write_config(tmp_path, CHECKPOINTED_MULTIRANK, {"parts.count": 3, "distributed.timeout_s": 12,
+                                                             "checkpoint.every_steps": 0, "train.finetune_epochs": 0})
+    results = _outcomes_while_one_is_stopped(_start_ranks(config, tmp_path / "run", 3, "stop:1:3"), stopped=1)
     code0, err0 = results[0]
     code2, err2 = results[2]
     assert code0 == 1 and code2 == 1
@@ -123,6 +135,18 @@ def test_a_silent_rank_fails_every_other_rank_in_bounded_time(tmp_path):
         "pipeflow.launch: failed (rank 2): rank 2 heard nothing from rank 1 for 12 s (distributed.timeout_s), "
         "or lost the link:")
     assert "Traceback" not in err0 + err2
+
+
+def test_a_silent_rank_in_data_parallel_fine_tuning_fails_the_other_in_bounded_time(tmp_path):
+    """Rank 1 of 2 stops in the middle of DDP fine-tuning (step 7 of 5 by parts + 5 fine-tuning); rank 0,
+    waiting in the gradient all-reduce, must exit 1 after distributed.timeout_s, not wait for ever."""
+    config = write_config(tmp_path, CHECKPOINTED_MULTIRANK, {"parts.count": 2, "distributed.timeout_s": 12,
+                                                             "checkpoint.every_steps": 0, "train.by_parts_epochs": 1,
+                                                             "train.finetune_epochs": 1})
+    results = _outcomes_while_one_is_stopped(_start_ranks(config, tmp_path / "run", 2, "stop:1:7"), stopped=1)
+    code0, err0 = results[0]
+    assert code0 == 1, err0[-2000:]
+    assert "injected fault" not in err0
 
 
 def test_launch_resume_refuses_another_world_size_or_config(tmp_path, multi_reference):

@@ -3,6 +3,9 @@
 * :mod:`.topology` -- which rank is which stage of which replica, and its process groups.
 * :mod:`.transport` -- forward-only messages between neighbouring stages, with timeouts
   and byte counts.
-* :mod:`.pipeline` -- the by-parts phase: receive, train one part, send onwards.
-* :mod:`.finetune` -- gathering the parts on every rank, then data-parallel fine-tuning.
+* :mod:`.collectives` -- the few collectives (agree, broadcast, gather, gradient averaging)
+  and :func:`.collectives.guard`, which turns a silent peer into one readable error.
+* :mod:`.process_group` -- joining and leaving the process group, the same for launch and bench.
+
+The training loop that drives them is :mod:`pipeflow.loop`.
 """

@@ -169,10 +169,24 @@ class Glow(nn.Module):
         flow_forward(self.layers, x)
 
     def check_invertible(self) -> None:
-        """Raise :class:`SingularWeightError` naming the first 1x1 convolution that is singular."""
-        for module in self.modules():
-            if isinstance(module, (InvConv1x1, InvConv1x1LU)):
-                module.check_invertible()
+        """Raise :class:`SingularWeightError` naming the first layer that is no longer invertible."""
+        check_invertible(self)
+
+
+def check_invertible(module: nn.Module, where: str = "") -> None:
+    """Raise :class:`SingularWeightError` naming the first 1x1 convolution or ActNorm of
+    ``module`` that is no longer invertible (a singular weight, a zero or non-finite scale)."""
+    prefix = f"{where}: " if where else ""
+    for name, m in module.named_modules():
+        if isinstance(m, (InvConv1x1, InvConv1x1LU)):
+            try:
+                m.check_invertible(m.name or name)
+            except SingularWeightError as exc:
+                raise SingularWeightError(f"{prefix}{exc}") from None
+        elif isinstance(m, ActNorm):
+            if not torch.isfinite(m.log_scale.detach()).all() or not torch.isfinite(m.bias.detach()).all():
+                raise SingularWeightError(f"{prefix}ActNorm {m.name or name} has a non-finite scale or bias "
+                                          "(not invertible)")
 
 
 def is_initialized(module: nn.Module) -> bool:
@@ -180,4 +194,4 @@ def is_initialized(module: nn.Module) -> bool:
     return all(bool(m.initialized) for m in module.modules() if isinstance(m, ActNorm))
 
 
-__all__ = ["FlowStep", "Glow", "SingularWeightError", "flow_forward", "flow_inverse", "flow_sample", "is_initialized"]
+__all__ = ["FlowStep", "Glow", "SingularWeightError", "check_invertible", "flow_forward", "flow_inverse", "flow_sample", "is_initialized"]
