@@ -1,11 +1,13 @@
 """Failures injected on purpose, for the tests of resuming, restarts and silent peers.
 
 ``pipeflow.launch`` reads PIPEFLOW_TEST_FAULT: a comma-separated list of
-``ACTION:RANK:STEP[-LAST][@ATTEMPT]`` with ACTION ``exit`` (the rank ends at once after that
+``ACTION:RANK:WHEN[@ATTEMPT]`` with ACTION ``exit`` (the rank ends at once after that
 step, its checkpoint saved), ``stop`` (it SIGSTOPs itself: a silent peer) or ``nan`` (its
 by-parts input is NaN for steps STEP..LAST), on attempt ATTEMPT (default 0, the first).
-The training code knows none of this: it only offers hooks after each step and on the
-stream of messages, which :func:`fault_hooks` fills.
+WHEN is a step, ``STEP-LAST`` (``nan``), or for ``stop`` a moment between steps: ``eval``
+(at its first evaluation batch), ``gather`` or ``finetune`` (as that step of the run begins).
+The training code knows none of this: it only offers hooks after each step, on the stream
+of messages and as each step of a multi-rank run begins, which :func:`fault_hooks` fills.
 """
 
 from __future__ import annotations
@@ -16,19 +18,21 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from pipeflow.distributed.transport import TRAIN, Message
+from pipeflow.distributed.transport import EVAL, TRAIN, Message
 from pipeflow.errors import UserError
 
 FAULT_EXIT = 43  # the status of a process that an injected fault ended
 ACTIONS = ("exit", "stop", "nan")
+MOMENTS = ("eval", "gather", "finetune")  # when a ``stop`` may strike besides after a step
 
 
 @dataclass(frozen=True)
 class Fault:
     action: str
     rank: int
-    first: int
+    first: int  # a step (-1: at ``moment``)
     last: int
+    moment: str = ""
 
 
 def parse_faults(text: str, attempt: int) -> tuple[Fault, ...]:
@@ -38,8 +42,11 @@ def parse_faults(text: str, attempt: int) -> tuple[Fault, ...]:
         try:
             spec, _, on = item.partition("@")
             action, rank, steps = spec.split(":")
-            first, _, last = steps.partition("-")
-            fault = Fault(action, int(rank), int(first), int(last or first))
+            if action == "stop" and steps in MOMENTS:
+                fault = Fault(action, int(rank), -1, -1, steps)
+            else:
+                first, _, last = steps.partition("-")
+                fault = Fault(action, int(rank), int(first), int(last or first))
             if action not in ACTIONS:
                 raise ValueError(action)
         except ValueError:
@@ -49,29 +56,39 @@ def parse_faults(text: str, attempt: int) -> tuple[Fault, ...]:
     return tuple(faults)
 
 
+def _strike(rank: int, action: str, when) -> None:
+    sys.stderr.write(f"[rank {rank}] injected fault: {action} {when}\n")
+    sys.stderr.flush()
+    if action == "exit":
+        os._exit(FAULT_EXIT)
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def fault_hooks(faults: tuple[Fault, ...], rank: int):
-    """``(after_step, stream_filter)`` for this rank: hooks the training loop calls, or None."""
+    """``(after_step, stream_filter, on_moment)`` for this rank: hooks the training code calls, or None."""
     mine = [f for f in faults if f.rank == rank]
     if not mine:
-        return None, None
+        return None, None, None
 
     def after_step(msg: Message) -> None:
         for f in mine:
             if f.first == msg.step and f.action in ("exit", "stop"):
-                sys.stderr.write(f"[rank {rank}] injected fault: {f.action} after step {msg.step}\n")
-                sys.stderr.flush()
-                if f.action == "exit":
-                    os._exit(FAULT_EXIT)
-                os.kill(os.getpid(), signal.SIGSTOP)
+                _strike(rank, f.action, f"after step {msg.step}")
 
-    def corrupted(messages: Iterable[Message]) -> Iterator[Message]:
+    def filtered(messages: Iterable[Message]) -> Iterator[Message]:
         for msg in messages:
             if msg.kind == TRAIN and any(f.action == "nan" and f.first <= msg.step <= f.last for f in mine):
                 msg.h = msg.h * float("nan")
+            if msg.kind == EVAL and any(f.moment == "eval" for f in mine):
+                _strike(rank, "stop", "at the evaluation")
             yield msg
 
-    nan = any(f.action == "nan" for f in mine)
-    return after_step, (corrupted if nan else None)
+    def on_moment(name: str) -> None:
+        if any(f.moment == name for f in mine):
+            _strike(rank, "stop", f"as {name} begins")
+
+    needs_filter = any(f.action == "nan" or f.moment == "eval" for f in mine)
+    return after_step, (filtered if needs_filter else None), on_moment
 
 
 StreamFilter = Callable[[Iterable[Message]], Iterable[Message]]

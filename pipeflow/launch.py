@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"[rank {rank}] by_parts epoch {record['epoch']}: stage {topo.stage} prefix "
                 f"{record['prefix_bpd']:.4f} bits/dim")
 
-        after_step, stream_filter = fault_hooks(faults, rank)
-        ctx = RankContext(topo, device, args.bandwidth, (after_step,) if after_step else (), stream_filter)
+        after_step, stream_filter, on_moment = fault_hooks(faults, rank)
+        ctx = RankContext(topo, device, args.bandwidth, (after_step,) if after_step else (), stream_filter,
+                          (on_moment,) if on_moment else ())
         summary = train_multirank(cfg, ctx, args.out, force=force,
                                   on_eval=announce if topo.is_last and topo.replica == 0 else None, resume=resume)
         _report(summary, args.out)

@@ -39,8 +39,8 @@ def train_step(trainers: Sequence[PartTrainer], active: Sequence[int], h: torch.
     results, out = [], None
     for k in range(max(active) + 1):
         if k in active:
-            out, loss = trainers[k].train_step(h, carry)
-            results.append((k, loss, float(out.prefix_bpd.mean())))
+            out, loss, bpd = trainers[k].train_step(h, carry)
+            results.append((k, loss, bpd))
         else:
             out = trainers[k].forward(h, carry)
         h, carry = out.h, out.carry
@@ -130,7 +130,7 @@ def run_loop(chain: Chain, stream: Iterable[Message], tally: Tally, hooks: Hooks
              log_every: int = 10, on_time: Callable[[float], None] | None = None) -> None:
     """Drive ``chain`` through one phase's ``stream``; see the module's docstring."""
     clock = _Clock(tally, on_time)
-    sums, count = [0.0] * len(chain.trainers), 0
+    sums, count = None, 0  # per local part, on the device: read back once, at EVAL_END
     for msg in stream:
         out = None
         if msg.kind == TRAIN:
@@ -145,11 +145,12 @@ def run_loop(chain: Chain, stream: Iterable[Message], tally: Tally, hooks: Hooks
             outs = forward_chain(chain.trainers, msg.h, msg.carry)
             out = outs[-1]
             if msg.kind == EVAL:
-                sums = [s + float(o.prefix_bpd.double().sum()) for s, o in zip(sums, outs)]
+                batch = torch.stack([o.prefix_bpd.double().sum() for o in outs])
+                sums = batch if sums is None else sums + batch
                 count += msg.rows
         elif msg.kind == EVAL_END:
-            _evaluated(msg, sums, count, tally, hooks)
-            sums, count = [0.0] * len(chain.trainers), 0
+            _evaluated(msg, sums.tolist() if sums is not None else [0.0] * len(chain.trainers), count, tally, hooks)
+            sums, count = None, 0
             clock.skip()
         if hooks.send is not None:
             hooks.send(msg, out)

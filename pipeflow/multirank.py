@@ -33,8 +33,8 @@ from pipeflow.build import Run, build_model, build_parts
 from pipeflow.checkpoint import CheckpointStore, save_model
 from pipeflow.config import Config
 from pipeflow.data import dataset_shape, load_dataset, n_bins
-from pipeflow.distributed.collectives import (agree, broadcast_object, broadcast_tensors, gather_all, gather_to_rank0,
-                                              gradient_averager, guard, sum_across)
+from pipeflow.distributed.collectives import (CollectiveWatch, agree, broadcast_object, broadcast_tensors, gather_all,
+                                              gather_to_rank0, gradient_averager, guard, sum_across, watched_allreduce)
 from pipeflow.distributed.topology import Topology
 from pipeflow.distributed.transport import Counters, Inbox, Links, Message, Outbox, link_groups
 from pipeflow.errors import UserError
@@ -62,6 +62,11 @@ class RankContext:
     bandwidth: float = 0.0  # bytes/s to pace forward sends with (0: unpaced)
     step_hooks: tuple[Callable[[Message], None], ...] = ()
     stream_filter: StreamFilter | None = None
+    moment_hooks: tuple[Callable[[str], None], ...] = ()  # called as "gather" and "finetune" begin
+
+    def entering(self, moment: str) -> None:
+        for hook in self.moment_hooks:
+            hook(moment)
 
 
 @dataclass
@@ -80,6 +85,7 @@ class RankRun:
     log: RunLog | None = None
     counters: Counters = field(default_factory=Counters)
     carried: dict = field(default_factory=dict)  # the parts' optimiser states, for fine-tuning to carry on
+    watch: CollectiveWatch | None = None  # DDP's all-reduce, which fails out of sight
 
     @property
     def topo(self) -> Topology:
@@ -350,6 +356,7 @@ def _stage_hooks(rr: RankRun, part, trainer, grad_hook, outbox, tally: Tally, on
 def gather(rr: RankRun, trainer: PartTrainer) -> None:
     """Every part onto every rank (and its optimiser moments, to carry on); rank 0 takes the reports."""
     topo, cfg, state = rr.topo, rr.cfg, rr.state
+    rr.ctx.entering("gather")
     place_whole_model(rr.run.model, rr.run.parts, rr.device)
     with guard("gathering the parts", rr.timeout):
         reports = gather_to_rank0({"rank": topo.rank, "stage": topo.stage, "replica": topo.replica,
@@ -413,7 +420,11 @@ def _whole_trainer(rr: RankRun, ddp: bool) -> PartTrainer:
         return PartTrainer(whole, lr, t, rr.run.num_dims, rr.run.n_bins, name="whole model")
     from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
 
-    wrap = (lambda m: DDP(m, device_ids=[device.index])) if device.type == "cuda" else DDP
+    def wrap(module):
+        ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp.register_comm_hook(rr.watch, watched_allreduce)
+        return ddp
+
     return PartTrainer(whole, lr, t, rr.run.num_dims, rr.run.n_bins, wrap=wrap, name="whole model",
                        agree=lambda ok: agree(ok, device))
 
@@ -422,12 +433,14 @@ def finetune(rr: RankRun, phase: Phase) -> None:
     """The glued flow end to end: every rank a shard of each batch (DDP), or rank 0 alone."""
     topo, cfg, state = rr.topo, rr.cfg, rr.state
     ddp = phase.schedule == "ddp"
+    rr.ctx.entering("finetune")
     if not ddp:
         with guard("handing over to rank 0", rr.timeout):
             dist.barrier()  # the others leave now: rank 0 fine-tunes alone, with no collective left to wait for
         if topo.rank != 0:
             return
-    with guard("data-parallel fine-tuning" if ddp else "fine-tuning", rr.timeout):
+    rr.watch = CollectiveWatch(topo.world)
+    with guard("data-parallel fine-tuning" if ddp else "fine-tuning", rr.timeout, rr.watch):
         if ddp:
             rr.run.data = every_rank_agrees("loading the data", rr, rr.timeout,
                                             lambda: rr.run.data or load_dataset(cfg.data))

@@ -82,11 +82,16 @@ class PartTrainer:
         self.warm = carried == len(self.params)
         return carried
 
-    def train_step(self, h: torch.Tensor, carry: torch.Tensor) -> tuple[PartOutput, float]:
-        """One update on a detached input. Returns the output (detached) and the loss value."""
+    def train_step(self, h: torch.Tensor, carry: torch.Tensor) -> tuple[PartOutput, float, float]:
+        """One update on a detached input. Returns the output (detached), the loss and the mean prefix bits/dim.
+
+        Deciding whether to skip the update needs the loss on the host: that is the step's one
+        host sync, and the two figures come back with it.
+        """
         out = part_objective(self.module, h, carry, self.num_dims, self.n_bins)
         if self.optimizer is None:
-            return self._detached(out), float(out.loss)
+            loss_value, bpd = torch.stack([out.loss.detach(), out.prefix_bpd.mean().to(out.loss.dtype)]).tolist()
+            return self._detached(out), loss_value, bpd
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.grad_hook is not None:
@@ -98,8 +103,9 @@ class PartTrainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         else:
             grad_norm = torch.zeros((), device=out.loss.device)
-        finite = torch.isfinite(out.loss) & torch.isfinite(grad_norm)
-        loss_value, finite = torch.stack([out.loss.detach(), finite]).tolist()
+        finite = (torch.isfinite(out.loss) & torch.isfinite(grad_norm)).to(out.loss.dtype)
+        loss_value, bpd, finite = torch.stack([out.loss.detach(), out.prefix_bpd.mean().to(out.loss.dtype),
+                                               finite]).tolist()
         finite = bool(finite)
         if self.agree is not None:
             finite = self.agree(finite)
@@ -114,13 +120,13 @@ class PartTrainer:
                     f"{self.name}: {self.bad_in_a_row} non-finite losses in a row (train.max_bad_steps); "
                     "lower train.lr or raise train.warmup_steps"
                 )
-            return self._detached(out), loss_value
+            return self._detached(out), loss_value, bpd
         self.bad_in_a_row = 0
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr()
         self.optimizer.step()
         self.steps += 1
-        return self._detached(out), loss_value
+        return self._detached(out), loss_value, bpd
 
     @torch.no_grad()
     def forward(self, h: torch.Tensor, carry: torch.Tensor) -> PartOutput:

@@ -39,7 +39,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_after_max_bad_ste
     optimizer_before = trainer.state_dict()["optimizer"]["state"][0]["exp_avg"].clone()
     bad = x * float("nan")
     for _ in range(2):
-        _, loss = trainer.train_step(bad, torch.zeros(len(x)))
+        _, loss, _ = trainer.train_step(bad, torch.zeros(len(x)))
         assert math.isnan(loss)
     assert (trainer.skipped, trainer.bad_in_a_row, trainer.steps) == (2, 2, 1)
     # a skipped step changes nothing: parameters, optimiser state, warm-up progress

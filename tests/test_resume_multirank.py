@@ -137,16 +137,25 @@ def test_a_silent_rank_fails_every_other_rank_in_bounded_time(tmp_path):
     assert "Traceback" not in err0 + err2
 
 
-def test_a_silent_rank_in_data_parallel_fine_tuning_fails_the_other_in_bounded_time(tmp_path):
-    """Rank 1 of 2 stops in the middle of DDP fine-tuning (step 7 of 5 by parts + 5 fine-tuning); rank 0,
-    waiting in the gradient all-reduce, must exit 1 after distributed.timeout_s, not wait for ever."""
+@pytest.mark.parametrize("fault, finetune, where", [
+    ("stop:1:eval", "ddp", "rank 0 could not send to rank 1"),  # stage 1 falls silent at the epoch's evaluation
+    ("stop:1:gather", "ddp", "gathering the parts"),
+    ("stop:1:7", "ddp", "data-parallel fine-tuning"),  # step 2 of fine-tuning, inside DDP's all-reduce
+    ("stop:1:finetune", "rank0", "handing over to rank 0"),
+], ids=["evaluation", "gather", "ddp-fine-tuning", "rank0-fine-tuning"])
+def test_a_silent_rank_fails_the_other_in_every_phase(tmp_path, fault, finetune, where):
+    """Rank 1 of 2 stops (SIGSTOP) in a later phase of the run; rank 0 must exit 1 with one line naming what
+    got no answer, after distributed.timeout_s (12 s), not wait for ever."""
     config = write_config(tmp_path, CHECKPOINTED_MULTIRANK, {"parts.count": 2, "distributed.timeout_s": 12,
                                                              "checkpoint.every_steps": 0, "train.by_parts_epochs": 1,
-                                                             "train.finetune_epochs": 1})
-    results = _outcomes_while_one_is_stopped(_start_ranks(config, tmp_path / "run", 2, "stop:1:7"), stopped=1)
+                                                             "train.finetune_epochs": 1,
+                                                             "distributed.finetune": finetune})
+    results = _outcomes_while_one_is_stopped(_start_ranks(config, tmp_path / "run", 2, fault), stopped=1)
     code0, err0 = results[0]
-    assert code0 == 1, err0[-2000:]
-    assert "injected fault" not in err0
+    assert code0 == 1, err0[-3000:]
+    (line,) = launch_lines(err0, "failed")
+    assert line.startswith("pipeflow.launch: failed (rank 0): ") and where in line and "12 s" in line, line
+    assert "Traceback" not in err0
 
 
 def test_launch_resume_refuses_another_world_size_or_config(tmp_path, multi_reference):

@@ -47,16 +47,41 @@ def is_peer_trouble(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def guard(what: str, timeout_s: float) -> Iterator[None]:
-    """Run collectives; a timeout or a lost peer becomes PeerSilent naming this rank and ``what``."""
+def guard(what: str, timeout_s: float, watch: "CollectiveWatch | None" = None) -> Iterator[None]:
+    """Run collectives; a timeout or a lost peer becomes PeerSilent naming this rank and ``what``.
+
+    ``watch``: collectives run out of sight (DDP's all-reduce, whose failure reaches the caller
+    through autograd as a bare RuntimeError) record their own failure there.
+    """
     try:
         yield
     except RuntimeError as exc:
-        if not is_peer_trouble(exc):
+        if not is_peer_trouble(exc) and (watch is None or watch.failure is None):
             raise
         rank = dist.get_rank() if dist.is_initialized() else "?"
         raise PeerSilent(f"rank {rank}: {what} got no answer from every rank within {timeout_s:g} s "
                          f"(distributed.timeout_s), or lost one: {brief(exc)}") from exc
+
+
+class CollectiveWatch:
+    """DDP's gradient all-reduce (averaging, as DDP's default hook does) that keeps its own failure."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.failure: BaseException | None = None
+
+
+def watched_allreduce(watch: CollectiveWatch, bucket):  # no annotation: DDP checks a comm hook's literally
+    tensor = bucket.buffer().div_(watch.world)
+
+    def reduced(fut):
+        try:
+            return fut.value()[0]
+        except Exception as exc:  # noqa: BLE001 (kept, then passed on to DDP as it was)
+            watch.failure = exc
+            raise
+
+    return dist.all_reduce(tensor, async_op=True).get_future().then(reduced)
 
 
 def agree(ok: bool, device: torch.device, group=None) -> bool:

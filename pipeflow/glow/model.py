@@ -194,4 +194,5 @@ def is_initialized(module: nn.Module) -> bool:
     return all(bool(m.initialized) for m in module.modules() if isinstance(m, ActNorm))
 
 
-__all__ = ["FlowStep", "Glow", "SingularWeightError", "check_invertible", "flow_forward", "flow_inverse", "flow_sample", "is_initialized"]
+__all__ = ["FlowStep", "Glow", "SingularWeightError", "check_invertible", "flow_forward", "flow_inverse", "flow_sample",
+           "is_initialized"]
