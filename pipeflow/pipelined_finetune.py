@@ -66,7 +66,8 @@ def check_pipelined(rr: "RankRun") -> None:
                         "checkpoint; pass --force to start afresh")
 
 
-def whole_flow_step(trainer: PartTrainer, loss: float | None, replicas: int, device: torch.device) -> tuple[bool, float]:
+def whole_flow_step(trainer: PartTrainer, loss: float | None, replicas: int,
+                    device: torch.device) -> tuple[bool, float]:
     """Clip by the whole flow's gradient norm and count a non-finite step as every rank does.
 
     One all-reduce over every rank sums each stage's squared gradient norm (each replica's
@@ -107,6 +108,19 @@ def update(trainer: PartTrainer, finite: bool) -> None:
     trainer.steps += 1
 
 
+def pipelined_step(trainer: PartTrainer, pipe: PipelinedStage, x: torch.Tensor | None, rows: int, average,
+                   replicas: int, device: torch.device) -> float:
+    """One fine-tuning step of this stage: forward and backward through the schedule, the replicas'
+    average, the whole flow's clipping, the update. Returns the batch's mean loss (on every rank)."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss = pipe.step(x, rows)
+    if average is not None:  # (a learned boundary prior gets no gradient end to end, on any replica)
+        average([p.grad for p in trainer.params if p.grad is not None])
+    finite, loss = whole_flow_step(trainer, loss, replicas, device)
+    update(trainer, finite)
+    return loss
+
+
 def stage_trainer(rr: "RankRun") -> PartTrainer:
     """This rank's part with a fine-tuning optimiser, carrying on its by-parts moments if asked."""
     t, topo = rr.cfg.train, rr.topo
@@ -125,9 +139,14 @@ def initialise_if_fresh(rr: "RankRun") -> None:
     if is_initialized(rr.run.model):
         return
     rr.run.data = rr.run.data or load_dataset(rr.cfg.data)
-    rr.run.model.to("cpu")
-    rr.run.model.initialize(next(rr.run.train_batches().epoch(0)))
-    rr.run.parts[rr.topo.stage].to(rr.device)
+    initialise_on_host(rr.run.model, rr.run.parts[rr.topo.stage], next(rr.run.train_batches().epoch(0)), rr.device)
+
+
+def initialise_on_host(model: nn.Module, own: nn.Module, x: torch.Tensor, device: torch.device) -> None:
+    """Every ActNorm from ``x`` through the whole flow, on the host; then this rank's part on its device."""
+    model.to("cpu")
+    model.initialize(x.cpu())
+    own.to(device)
 
 
 def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
@@ -168,13 +187,8 @@ def _train_epoch(rr: "RankRun", phase: "Phase", trainer: PartTrainer, pipe: Pipe
     rows = rr.cfg.train.batch_size // shard
     for x in batches:
         t0 = time.perf_counter()
-        trainer.optimizer.zero_grad(set_to_none=True)
         mine = x[topo.replica * rows : (topo.replica + 1) * rows].to(rr.device) if topo.is_first else None
-        loss = pipe.step(mine, rows)
-        if average is not None:  # (a learned boundary prior gets no gradient end to end, on any replica)
-            average([p.grad for p in trainer.params if p.grad is not None])
-        finite, loss = whole_flow_step(trainer, loss, topo.replicas, rr.device)
-        update(trainer, finite)
+        loss = pipelined_step(trainer, pipe, mine, rows, average, topo.replicas, rr.device)
         elapsed = time.perf_counter() - t0
         state.step += 1
         tally.steps, tally.images = tally.steps + 1, tally.images + rows

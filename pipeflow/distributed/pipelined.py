@@ -19,6 +19,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Callable
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -74,16 +76,32 @@ class PipelinedStage:
 
     ``module`` takes what the stage before it returns (the first stage: the batch) and
     returns a tensor or a tuple of tensors for the next stage; the last stage's output goes
-    to ``loss_fn(output, target)``, a mean over the microbatch.
+    to ``loss_fn(output, target)``, a mean over the microbatch. ``timed``: clock the stage's
+    passes (:attr:`compute_seconds`), for the bench's idle share.
     """
 
     def __init__(self, module: nn.Module, stage: int, stages: int, device: torch.device, microbatches: int,
-                 schedule: str, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], group=None):
+                 schedule: str, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], group=None,
+                 timed: bool = False):
         self.index, self.stages, self.microbatches = stage, stages, microbatches
         self.forward_bytes = self.backward_bytes = 0
         self.counted = _Counted(module, sends_forward=stage < stages - 1, sends_backward=stage > 0)
         self.stage = PipelineStage(self.counted, stage, stages, device, group=group)
         self.schedule = SCHEDULES[schedule](self.stage, microbatches, loss_fn=loss_fn, scale_grads=True)
+        self.compute_seconds = 0.0  # with ``timed``: inside the microbatches' passes, not waiting (bench)
+        for name in ("forward_one_chunk", "backward_one_chunk") if timed else ():
+            setattr(self.stage, name, self._timed(getattr(self.stage, name)))
+
+    def _timed(self, fn):
+        """``fn`` with its time added to ``compute_seconds`` (on a GPU, after the device has finished)."""
+        def timed(*args, **kwargs):
+            _sync(self.stage.device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync(self.stage.device)
+            self.compute_seconds += time.perf_counter() - start
+            return out
+        return timed
 
     @property
     def is_first(self) -> bool:
@@ -152,6 +170,11 @@ def forward_only(module: nn.Module, stage: int, stages: int, batches, in_shapes:
         else:
             for t in out if isinstance(out, tuple) else (out,):
                 dist.send(t.contiguous(), dst=nxt)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _peer(stage: int, group) -> int:
