@@ -62,3 +62,21 @@ def test_microbatches_that_do_not_divide_the_batch_are_refused_before_training(t
                               "distributed.microbatches = 5 for pipelined fine-tuning" for r in range(2)]
     assert "exitcode  : 2" in result.stderr
     assert not (tmp_path / "pipe").exists()
+
+
+def _run(name: str, kind: str, images_per_s: float, peaks: list[int]) -> dict:
+    return {"name": name, "kind": kind, "images_per_s": images_per_s, "bandwidth": 0.0,
+            "ranks": [{"peak_memory_bytes": p} for p in peaks]}
+
+
+@pytest.mark.parametrize("pipeline_speed, pipeline_peak, met", [(120.0, [5, 9], [True, True]),
+                                                                 (119.0, [5, 9], [False, True]),
+                                                                 (200.0, [5, 11], [True, False])])
+def test_the_targets_against_gpipe_and_1f1b_flip_at_their_thresholds(pipeline_speed, pipeline_peak, met):
+    from pipeflow.tools.bench import _pipelined_targets
+
+    runs = [_run("pipeline across x2", "pipeline", pipeline_speed, pipeline_peak),
+            _run("gpipe x2", "pipelined", 80.0, [10, 12]), _run("1f1b x2", "pipelined", 100.0, [10, 11])]
+    targets = _pipelined_targets(runs)
+    assert [t["met"] for t in targets] == met
+    assert targets[0]["note"] == "against 1f1b x2"  # the better of the two peers
