@@ -254,7 +254,7 @@ def bench(
                                      help="Timed calls per flow step when measuring costs (the fastest counts)."),
     only: Optional[str] = typer.Option(
         None, "--only", help="Comma-separated subset of runs: e2e, e2e-threads, alternate, pipeline-1dev, ddp, "
-        "pipeline."),
+        "pipeline, gpipe, 1f1b (end to end, one part per rank, distributed.microbatches)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure to this JSON file."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the tables as Markdown."),
     keep: Optional[Path] = typer.Option(None, "--keep",

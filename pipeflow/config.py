@@ -83,7 +83,11 @@ class DistributedConfig:
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
     in_flight: int = 2  # batches a stage may send ahead of its receiver
     timeout_s: float = 300.0  # a silent peer is an error after this long
-    finetune: str = "ddp"  # ddp: data-parallel on every rank | rank0: on rank 0 alone
+    # ddp: data-parallel on every rank | rank0: on rank 0 alone | pipeline: each part stays on its rank,
+    # the glued flow trained end to end through torch.distributed.pipelining (gradients sent back)
+    finetune: str = "ddp"
+    microbatches: int = 4  # pipelined fine-tuning cuts each batch into this many
+    pipeline_schedule: str = "1f1b"  # 1f1b | gpipe: the order of pipelined fine-tuning's passes
 
 
 @dataclass
@@ -115,7 +119,8 @@ CHOICES = {
     ("train", "finetune_optimizer"): ("carry", "fresh"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("distributed", "backend"): ("auto", "gloo", "nccl"),
-    ("distributed", "finetune"): ("ddp", "rank0"),
+    ("distributed", "finetune"): ("ddp", "rank0", "pipeline"),
+    ("distributed", "pipeline_schedule"): ("1f1b", "gpipe"),
 }
 
 # (section, key): (lowest allowed, a word on why)
@@ -128,7 +133,7 @@ MINIMUM = {
     ("train", "alternate_every"): 0, ("train", "steps_per_epoch"): 0, ("train", "threads"): 0,
     ("train", "log_every"): 1, ("train", "samples"): 0, ("train", "max_bad_steps"): 1,
     ("train", "finetune_lr"): 0,
-    ("distributed", "in_flight"): 1,
+    ("distributed", "in_flight"): 1, ("distributed", "microbatches"): 1,
     ("checkpoint", "every_steps"): 0, ("checkpoint", "keep"): 1,
 }
 
@@ -228,6 +233,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"parts.count = {p.count} is more than the {m.levels * m.steps} flow steps of the model")
     if t.schedule == "sequential" and t.by_parts_epochs and t.by_parts_epochs < p.count:
         raise UserError(f"schedule 'sequential' needs train.by_parts_epochs >= parts.count = {p.count}")
+    d = cfg.distributed
+    if d.finetune == "pipeline" and t.batch_size % d.microbatches:
+        raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of distributed.microbatches = "
+                        f"{d.microbatches} for pipelined fine-tuning")
     if cfg.data.dataset == "npz" and not cfg.data.path:
         raise UserError("data.dataset = 'npz' needs data.path, the .npz file to read")
     if cfg.data.n_bits > 8:

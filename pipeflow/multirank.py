@@ -357,18 +357,35 @@ def gather(rr: RankRun, trainer: PartTrainer) -> None:
     """Every part onto every rank (and its optimiser moments, to carry on); rank 0 takes the reports."""
     topo, cfg, state = rr.topo, rr.cfg, rr.state
     rr.ctx.entering("gather")
+    if _pipelined(rr):  # each part stays on its rank, with its own moments; only the reports travel
+        rr.carried = optimizer_states([trainer]) if cfg.train.finetune_optimizer == "carry" else {}
+        with guard("gathering the reports", rr.timeout):
+            reports = gather_to_rank0(_report(rr))
+        if topo.rank == 0:
+            _take_reports(rr, reports, 0)
+        return
     place_whole_model(rr.run.model, rr.run.parts, rr.device)
     with guard("gathering the parts", rr.timeout):
-        reports = gather_to_rank0({"rank": topo.rank, "stage": topo.stage, "replica": topo.replica,
-                                   "tally": asdict(state.tally("by_parts")), "records": state.records,
-                                   "evals": state.evals, "counters": asdict(rr.counters),
-                                   "allreduce_bytes": state.comm.get("stage_allreduce_bytes", 0)})
+        reports = gather_to_rank0(_report(rr))
         moved = gather_parts(rr.run, topo)
         if cfg.train.finetune_epochs and cfg.train.finetune_optimizer == "carry":
             rr.carried, more = gather_optimizer_states(rr.run, topo, trainer)
             moved += more
     if topo.rank == 0:
         _take_reports(rr, reports, moved)
+
+
+def _report(rr: RankRun) -> dict:
+    """What a rank tells rank 0 after the by-parts phase."""
+    topo, state = rr.topo, rr.state
+    return {"rank": topo.rank, "stage": topo.stage, "replica": topo.replica, "tally": asdict(state.tally("by_parts")),
+            "records": state.records, "evals": state.evals, "counters": asdict(rr.counters),
+            "allreduce_bytes": state.comm.get("stage_allreduce_bytes", 0)}
+
+
+def _pipelined(rr: RankRun) -> bool:
+    """Fine-tuning through the pipelining schedule: the parts are never gathered before it."""
+    return rr.cfg.distributed.finetune == "pipeline" and rr.topo.stages > 1 and rr.cfg.train.finetune_epochs > 0
 
 
 def _take_reports(rr: RankRun, reports: list[dict], gather_bytes: int) -> None:
@@ -409,7 +426,8 @@ def _finetune_phase(rr: RankRun) -> Phase:
     t, topo = rr.cfg.train, rr.topo
     if topo.stages == 1:
         return Phase("e2e", t.by_parts_epochs + t.finetune_epochs, "ddp", [])
-    return Phase("finetune", t.finetune_epochs, "e2e" if rr.cfg.distributed.finetune == "rank0" else "ddp", [])
+    schedule = {"rank0": "e2e", "ddp": "ddp", "pipeline": rr.cfg.distributed.pipeline_schedule}
+    return Phase("finetune", t.finetune_epochs, schedule[rr.cfg.distributed.finetune], [])
 
 
 def _whole_trainer(rr: RankRun, ddp: bool) -> PartTrainer:
@@ -432,8 +450,13 @@ def _whole_trainer(rr: RankRun, ddp: bool) -> PartTrainer:
 def finetune(rr: RankRun, phase: Phase) -> None:
     """The glued flow end to end: every rank a shard of each batch (DDP), or rank 0 alone."""
     topo, cfg, state = rr.topo, rr.cfg, rr.state
-    ddp = phase.schedule == "ddp"
     rr.ctx.entering("finetune")
+    if _pipelined(rr):
+        from pipeflow.pipelined_finetune import pipelined_finetune  # noqa: PLC0415
+
+        with guard("pipelined fine-tuning", rr.timeout):
+            return pipelined_finetune(rr, phase)
+    ddp = phase.schedule == "ddp"
     if not ddp:
         with guard("handing over to rank 0", rr.timeout):
             dist.barrier()  # the others leave now: rank 0 fine-tunes alone, with no collective left to wait for
@@ -557,7 +580,8 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: Path, force: bool, on_e
         if cfg.train.by_parts_epochs and not (rr.plan and rr.plan[0] in FINETUNE_PHASES):
             trainer = by_parts(rr, on_eval)
             gather(rr, trainer)
-    place_whole_model(rr.run.model, rr.run.parts, rr.device)  # (a no-op unless the by-parts phase was skipped)
+    if not _pipelined(rr):
+        place_whole_model(rr.run.model, rr.run.parts, rr.device)  # (a no-op unless the by-parts phase was skipped)
     if phases[-1].epochs:
         finetune(rr, phases[-1])
     if phases[-1].schedule == "ddp" or not phases[-1].epochs:

@@ -41,7 +41,8 @@ from typing import Callable
 from pipeflow.config import Config, with_overrides
 from pipeflow.errors import UserError
 
-ALL_MODES = ("e2e", "e2e-threads", "alternate", "pipeline-1dev", "ddp", "pipeline")
+ALL_MODES = ("e2e", "e2e-threads", "alternate", "pipeline-1dev", "ddp", "pipeline", "gpipe", "1f1b")
+PIPELINED = ("gpipe", "1f1b")  # end-to-end pipeline parallelism (torch.distributed.pipelining), one part per rank
 SCHEMES = ("blocks", "across", "balanced", "balanced-measured", "cuts")
 SCHEME_ALIASES = {"measured": "balanced-measured"}
 PAPER_PLAN = {2: 720 / 1026, 3: 647 / 1020}  # the paper's measured wall-time ratios (CIFAR-10 Glow, across)
@@ -240,6 +241,27 @@ def _stage_metrics(results: list[dict], warmup: int, steps: int) -> dict:
             "skipped_steps": sum(r["skipped"] for r in results)}
 
 
+def _pipelined_metrics(results: list[dict], warmup: int, steps: int) -> dict:
+    """GPipe or 1F1B: every rank takes part in every step, so a step is as long as its slowest rank's;
+    a rank is busy inside its microbatches' forward and backward passes, idle (the bubble) otherwise."""
+    per_step = [max(b - a for a, b in ivs) for ivs in zip(*(r["intervals"][warmup : warmup + steps] for r in results))]
+    ranks = []
+    for r in results:
+        window = sum(b - a for a, b in r["intervals"][warmup : warmup + steps])
+        busy = sum(r["compute_seconds"][warmup : warmup + steps])
+        fwd, bwd = (statistics.fmean(x[k] for x in r["sent"][warmup : warmup + steps]) for k in (0, 1))
+        ranks.append({"rank": r["rank"], "stage": r["stage"], "busy_fraction": busy / window if window > 0 else None,
+                      "busy_seconds_per_step": busy / steps, "idle_seconds_per_step": (window - busy) / steps,
+                      "forward_bytes_per_step": fwd, "backward_bytes_per_step": bwd, "sent_bytes_per_step": fwd + bwd,
+                      "params": r["params"], "in_shape": r["in_shape"], "out_shape": r["out_shape"], **_memory(r)})
+    return {"step_seconds": _median(per_step), "step_seconds_mean": statistics.fmean(per_step), "step_times": per_step,
+            "ranks": ranks, "forward_bytes_per_step": sum(x["forward_bytes_per_step"] for x in ranks),
+            "forward_bytes_per_rank_per_step": max(x["forward_bytes_per_step"] for x in ranks),
+            "backward_bytes_per_step": sum(x["backward_bytes_per_step"] for x in ranks),
+            "backward_bytes_per_rank_per_step": max(x["backward_bytes_per_step"] for x in ranks),
+            "skipped_steps": max(r["skipped"] for r in results)}
+
+
 # ---------------------------------------------------------------- the bench
 
 def bench(cfg: Config, opts: BenchOptions, log: Log | None = None, command: str | None = None) -> dict:
@@ -281,6 +303,7 @@ def bench(cfg: Config, opts: BenchOptions, log: Log | None = None, command: str 
         _run_on_one_device(session, modes, splits)
         for bw in opts.bandwidths:
             _run_on_ranks(session, modes, splits, bw)
+        _run_pipelined(session, modes, splits, cfg.distributed.microbatches)
     finally:
         if not opts.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -305,6 +328,9 @@ def _checked_sizes(cfg: Config, opts: BenchOptions) -> tuple[int, int, list[str]
     modes = list(opts.modes or ALL_MODES)
     if "ddp" in modes and B % P:
         raise UserError(f"--batch {B} must be a multiple of --parts {P}: DDP gives each rank batch/P images")
+    m = cfg.distributed.microbatches
+    if any(x in modes for x in PIPELINED) and B % m:
+        raise UserError(f"--batch {B} must be a multiple of distributed.microbatches = {m} for gpipe and 1f1b")
     return P, B, modes
 
 
@@ -339,6 +365,7 @@ def _new_report(command: str | None, cfg: Config, opts: BenchOptions, device, P:
                     "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
                     "load_before": _load()},
         "settings": {"parts": P, "batch": B, "steps": opts.steps, "warmup": opts.warmup,
+                     "microbatches": cfg.distributed.microbatches,
                      "threads_per_rank": opts.threads, "bandwidths": opts.bandwidths, "schemes": schemes,
                      "modes": modes, "image_shape": list(shape), "n_bins": bins,
                      "model": cfg.model.__dict__, "epochs": {"by_parts": cfg.train.by_parts_epochs,
@@ -492,6 +519,22 @@ def _run_on_ranks(session: _Session, modes: list[str], splits: dict[str, dict], 
         session.attempt(name, run_pipeline)
 
 
+def _run_pipelined(session: _Session, modes: list[str], splits: dict[str, dict], microbatches: int) -> None:
+    """GPipe and 1F1B end to end on P ranks, at the cuts of the first split the pipeline ran (unthrottled links)."""
+    P, opts = session.parts, session.opts
+    scheme, split = next(((k, v) for k, v in splits.items() if not v["same_as"]), (None, {"cuts": []}))
+    for schedule in (m for m in PIPELINED if m in modes):
+        name = f"{schedule} x{P}"
+
+        def run(schedule=schedule, name=name) -> None:
+            res = session.launch({"mode": "pipelined", "schedule": schedule, "microbatches": microbatches,
+                                  "cuts": split["cuts"]}, P, schedule)
+            session.record(name, "pipelined", _pipelined_metrics(res, opts.warmup, opts.steps), schedule=schedule,
+                           scheme=scheme, cuts=split["cuts"], ranks_count=P, threads_per_rank=opts.threads,
+                           bandwidth=0.0, microbatches=microbatches)
+        session.attempt(name, run)
+
+
 def _fmt_bw(bw: float) -> str:
     for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
         if bw >= scale:
@@ -510,7 +553,7 @@ def _derive(report: dict, cfg: Config, shape, P: int) -> None:
     for r in runs:
         _add_ratios(r, e2e, report["splits"], P, report["settings"]["threads_per_rank"])
     report["predictions"] = _predictions(runs, cfg, shape, P)
-    report["targets"] = _targets(report, runs, e2e, P)
+    report["targets"] = _targets(report, runs, e2e, P) + _pipelined_targets(runs)
 
 
 def _add_ratios(r: dict, e2e: dict | None, splits: dict, P: int, threads: int) -> None:
@@ -635,6 +678,23 @@ def _targets(report: dict, runs: list[dict], e2e: dict | None, P: int) -> list[d
     return out
 
 
+def _pipelined_targets(runs: list[dict]) -> list[dict]:
+    """Issue 12: the forward-only pipeline >= 1.2x the better of GPipe and 1F1B, with a lower peak per rank."""
+    peers = [r for r in runs if r["kind"] == "pipelined"]
+    pipes = [r for r in runs if r["kind"] == "pipeline" and not r["bandwidth"]]
+    if not peers or not pipes:
+        return []
+    best, peer = max(pipes, key=lambda r: r["images_per_s"]), max(peers, key=lambda r: r["images_per_s"])
+    ratio = best["images_per_s"] / peer["images_per_s"]
+    peak = max(x["peak_memory_bytes"] for x in best["ranks"])
+    peer_peak = min(max(x["peak_memory_bytes"] for x in r["ranks"]) for r in peers)
+    return [{"target": "forward-only pipeline >= 1.2x the better of GPipe and 1F1B images/s", "run": best["name"],
+             "value": ratio, "threshold": 1.2, "met": ratio >= 1.2, "note": f"against {peer['name']}"},
+            {"target": "forward-only pipeline's peak memory per rank < GPipe's and 1F1B's", "run": best["name"],
+             "value": peak / peer_peak if peer_peak else None, "threshold": 1.0, "met": peak < peer_peak,
+             "note": f"busiest rank {peak / 2**20:.1f} MiB vs {peer_peak / 2**20:.1f} MiB (the lower of the two)"}]
+
+
 # ---------------------------------------------------------------- on screen
 
 def _f(x, fmt: str = "{:.2f}", none: str = "-") -> str:
@@ -667,7 +727,7 @@ def _run_columns(measured: bool) -> list[str]:
 def _run_cells(r: dict, measured: bool, step_ms: str) -> list[str]:
     """One run's row of the runs table (``step_ms``: the format of its step time in milliseconds)."""
     ranks = r["ranks"]
-    pipe = r["kind"] == "pipeline"
+    pipe = r["kind"] in ("pipeline", "pipelined")
     return [r["name"], f"{r['ranks_count']}x{r['threads_per_rank']}", f"{r['images_per_s']:.1f}",
             _f(r.get("speedup"), "{:.2f}x"), step_ms.format(1000 * r["step_seconds"]),
             _f(r.get("step_ratio"), "{:.3f}"),

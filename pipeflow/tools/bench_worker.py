@@ -15,6 +15,9 @@ spec's ``out`` folder. Every mode drives the library's own training code; only t
 * ``stage``  -- P processes, the forward-only pipeline: rank r holds part r only and runs the
   same loop as a ``pipeflow.launch`` stage with the real Inbox/Outbox transport (the
   Outbox paces forward sends to the bandwidth).
+* ``pipelined`` -- P processes, end-to-end pipeline parallelism (GPipe or 1F1B, ``schedule``):
+  rank r holds part r only and takes the steps of ``distributed.finetune = "pipeline"``
+  (:func:`pipeflow.pipelined_finetune.pipelined_step`), microbatches and gradients sent back.
 * ``costs``  -- one process: :func:`pipeflow.tools.balance.measure_step_costs`.
 
 Memory (:class:`Memory`): the peak over the first two (warm-up) steps of CUDA allocated
@@ -462,6 +465,43 @@ def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) 
             "in_shape": list(part.in_shape), "out_shape": list(part.out_shape)}
 
 
+def run_pipelined_mode(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
+    from pipeflow.distributed.pipelined import PipelinedStage  # noqa: PLC0415
+    from pipeflow.objective import LN2  # noqa: PLC0415
+    from pipeflow.pipelined_finetune import StageLikelihood, initialise_on_host, pipelined_step  # noqa: PLC0415
+
+    cfg = from_dict(spec["config"])
+    world = spec["world"]
+    batches = _batches(spec)
+    memory.mark_baseline()
+    model, parts = build_parts_from_cuts(cfg, spec["cuts"])
+    c, h, w = model.input_shape
+    part = parts[rank]
+    initialise_on_host(model, part, batches[0], device)  # as pipelined fine-tuning does with no by-parts epochs
+    params = sum(p.numel() for p in part.parameters())
+    del model, parts  # this rank holds its part only
+    t = cfg.train
+    trainer = PartTrainer(part, t.lr, t, c * h * w, spec["n_bins"], name=f"part {rank}")
+    d = c * h * w
+    pipe = PipelinedStage(StageLikelihood(trainer.module, rank == 0, rank == world - 1), rank, world, device,
+                          spec["microbatches"], spec["schedule"], lambda logp, _: -logp.mean() / (d * LN2), timed=True)
+    intervals, compute, sent = [], [], []
+    memory.reset_peak()
+    dist.barrier()  # every rank ready: the clocks start together
+    for x in batches[1:]:
+        _sync(device)
+        start, busy0, bytes0 = time.perf_counter(), pipe.compute_seconds, pipe.bytes_sent
+        pipelined_step(trainer, pipe, x.to(device) if rank == 0 else None, len(x), None, 1, device)
+        _sync(device)
+        intervals.append((start, time.perf_counter()))
+        compute.append(pipe.compute_seconds - busy0)
+        sent.append([b - a for a, b in zip(bytes0, pipe.bytes_sent)])
+        memory.step_done(len(intervals))
+    return {"intervals": intervals, "compute_seconds": compute, "sent": sent, "rank": rank, "stage": rank,
+            "memory": memory.report(), "params": params, "skipped": trainer.skipped,
+            "in_shape": list(part.in_shape), "out_shape": list(part.out_shape)}
+
+
 def run_costs(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
     from pipeflow.tools.balance import measure_step_costs  # noqa: PLC0415
 
@@ -475,7 +515,8 @@ def run_costs(spec: dict, rank: int, device: torch.device, memory: Memory) -> di
     return {"train_seconds": train, "forward_seconds": forward, "rank": rank}
 
 
-MODES = {"single": run_single, "ddp": run_ddp, "stage": run_stage_mode, "costs": run_costs}
+MODES = {"single": run_single, "ddp": run_ddp, "stage": run_stage_mode, "pipelined": run_pipelined_mode,
+         "costs": run_costs}
 
 
 def main(argv: list[str] | None = None) -> int:

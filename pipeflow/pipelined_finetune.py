@@ -1,0 +1,244 @@
+"""Fine-tuning without gathering: the glued flow trained end to end, each part staying on its rank.
+
+``distributed.finetune = "pipeline"``. Part k's stage takes ``(h_{k-1}, carry)`` and returns
+``(h_k, carry + log|det J_k| + log p(z factored by k))``; the last stage adds its top prior's
+log-density and so returns log p(x) per sample (see :mod:`pipeflow.objective`). The loss is
+the whole flow's negative log-likelihood in bits/dim, and its gradient flows back through
+every stage (:mod:`pipeflow.distributed.pipelined`): the one fine-tuning phase where anything
+travels backwards.
+
+Each stage updates its own part with its own optimiser, which carries on the moments the part
+built up by parts (``train.finetune_optimizer = "carry"``, no second warm-up) or starts afresh,
+at ``train.finetune_lr`` (or ``train.lr``). Gradient clipping uses the norm of the *whole*
+flow's gradient (the squared norms of the stages, summed across ranks), so a step is the step
+one device takes on the same batch. Replicas of a stage average their gradients first.
+
+No checkpoints are written in this phase: a run resumed with ``--resume`` fine-tunes again from
+the last by-parts checkpoint. At the end the parts are gathered on rank 0 (on the host) for
+``model.pt``; that is the only gather.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeflow.data import load_dataset
+from pipeflow.distributed.collectives import broadcast_object, gather_to_rank0, gradient_averager
+from pipeflow.distributed.pipelined import PipelinedStage, forward_only, pipeline_groups
+from pipeflow.distributed.transport import link_groups
+from pipeflow.errors import UserError
+from pipeflow.glow.model import check_invertible, is_initialized
+from pipeflow.objective import LN2, PartLikelihood, bits_per_dim
+from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
+
+if TYPE_CHECKING:
+    from pipeflow.multirank import RankRun
+    from pipeflow.train import Phase
+
+
+class StageLikelihood(nn.Module):
+    """One part of the glued flow as a pipeline stage; the last one returns log p(x) per sample."""
+
+    def __init__(self, likelihood: PartLikelihood, first: bool, last: bool):
+        super().__init__()
+        self.likelihood, self.first, self.last = likelihood, first, last
+
+    def forward(self, h: torch.Tensor, carry: torch.Tensor | None = None):
+        h_out, own_terms, log_prior = self.likelihood(h)
+        carry = own_terms if carry is None else carry + own_terms
+        return carry + log_prior if self.last else (h_out, carry)
+
+
+def check_pipelined(rr: "RankRun") -> None:
+    """Refuse what this phase cannot do, with one line: uneven microbatches, a resume inside it."""
+    t, d, topo = rr.cfg.train, rr.cfg.distributed, rr.topo
+    if t.batch_size % (topo.replicas * d.microbatches):
+        raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of distributed.microbatches "
+                        f"({d.microbatches}) x {topo.replicas} replicas for pipelined fine-tuning")
+    if rr.plan is not None and rr.plan[0] != "by_parts":
+        raise UserError("pipelined fine-tuning (distributed.finetune = \"pipeline\") cannot resume from a fine-tuning "
+                        "checkpoint; pass --force to start afresh")
+
+
+def whole_flow_step(trainer: PartTrainer, loss: float | None, replicas: int,
+                    device: torch.device) -> tuple[bool, float]:
+    """Clip by the whole flow's gradient norm and count a non-finite step as every rank does.
+
+    One all-reduce over every rank sums each stage's squared gradient norm (each replica's
+    stage holds the same averaged gradient, so the sum counts each stage ``replicas`` times)
+    and the last stages' losses. Returns (finite, the batch's mean loss).
+    """
+    sq = sum((p.grad.double().pow(2).sum() for p in trainer.params if p.grad is not None),
+             torch.zeros((), dtype=torch.float64, device=device))
+    both = torch.stack([sq, torch.tensor(loss or 0.0, dtype=torch.float64, device=device)])
+    dist.all_reduce(both)
+    total_sq, loss_sum = (both / replicas).tolist()
+    norm = math.sqrt(total_sq) if math.isfinite(total_sq) else math.inf
+    finite = math.isfinite(norm) and math.isfinite(loss_sum)
+    clip = trainer.cfg.grad_clip
+    if finite and clip > 0 and norm > 0:
+        scale = min(1.0, clip / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_ does
+        for p in trainer.params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return finite, loss_sum
+
+
+def update(trainer: PartTrainer, finite: bool) -> None:
+    """The optimiser step of :meth:`PartTrainer.train_step`, after a pipelined forward and backward."""
+    if not finite:
+        trainer.skipped += 1
+        trainer.bad_in_a_row += 1
+        trainer.optimizer.zero_grad(set_to_none=True)
+        check_invertible(trainer.part, trainer.name)
+        if trainer.bad_in_a_row >= trainer.cfg.max_bad_steps:
+            raise TrainingDiverged(f"{trainer.name}: {trainer.bad_in_a_row} non-finite losses in a row "
+                                   "(train.max_bad_steps); lower train.lr or raise train.warmup_steps")
+        return
+    trainer.bad_in_a_row = 0
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = trainer.lr()
+    trainer.optimizer.step()
+    trainer.steps += 1
+
+
+def pipelined_step(trainer: PartTrainer, pipe: PipelinedStage, x: torch.Tensor | None, rows: int, average,
+                   replicas: int, device: torch.device) -> float:
+    """One fine-tuning step of this stage: forward and backward through the schedule, the replicas'
+    average, the whole flow's clipping, the update. Returns the batch's mean loss (on every rank)."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss = pipe.step(x, rows)
+    if average is not None:  # (a learned boundary prior gets no gradient end to end, on any replica)
+        average([p.grad for p in trainer.params if p.grad is not None])
+    finite, loss = whole_flow_step(trainer, loss, replicas, device)
+    update(trainer, finite)
+    return loss
+
+
+def stage_trainer(rr: "RankRun") -> PartTrainer:
+    """This rank's part with a fine-tuning optimiser, carrying on its by-parts moments if asked."""
+    t, topo = rr.cfg.train, rr.topo
+    part = rr.run.parts[topo.stage]
+    trainer = PartTrainer(part, t.finetune_lr or t.lr, t, rr.run.num_dims, rr.run.n_bins,
+                          name=f"part {topo.stage} (rank {topo.rank})")
+    if rr.carried:
+        trainer.carry_on_from(rr.carried)
+        rr.carried.clear()
+    return trainer
+
+
+def initialise_if_fresh(rr: "RankRun") -> None:
+    """No by-parts epochs: every rank initialises the ActNorms of the whole flow (on the host) from the
+    first batch, as one device does, then keeps its own part on its device."""
+    if is_initialized(rr.run.model):
+        return
+    rr.run.data = rr.run.data or load_dataset(rr.cfg.data)
+    initialise_on_host(rr.run.model, rr.run.parts[rr.topo.stage], next(rr.run.train_batches().epoch(0)), rr.device)
+
+
+def initialise_on_host(model: nn.Module, own: nn.Module, x: torch.Tensor, device: torch.device) -> None:
+    """Every ActNorm from ``x`` through the whole flow, on the host; then this rank's part on its device."""
+    model.to("cpu")
+    model.initialize(x.cpu())
+    own.to(device)
+
+
+def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
+    """Fine-tune the glued flow through the pipelining schedule; rank 0 ends with the whole model."""
+    from pipeflow.multirank import every_rank_agrees  # noqa: PLC0415 (multirank dispatches here)
+
+    topo, cfg = rr.topo, rr.cfg
+    every_rank_agrees("checking pipelined fine-tuning", rr, rr.timeout, lambda: check_pipelined(rr))
+    initialise_if_fresh(rr)
+    if topo.is_first and rr.run.data is None:
+        rr.run.data = load_dataset(cfg.data)
+    stage_group = link_groups(topo, rr.timeout).stage
+    chain_group = pipeline_groups(topo.stages, topo.replicas, topo.rank, rr.timeout)
+    trainer = stage_trainer(rr)
+    module = StageLikelihood(trainer.module, topo.is_first, topo.is_last)
+    d = rr.run.num_dims
+    pipe = PipelinedStage(module, topo.stage, topo.stages, rr.device, cfg.distributed.microbatches,
+                          cfg.distributed.pipeline_schedule, lambda logp, _: -logp.mean() / (d * LN2), chain_group)
+    average = gradient_averager(stage_group, topo.replicas) if stage_group is not None else None
+    rr.state.phase = phase.name
+    first = cfg.train.by_parts_epochs
+    for epoch in range(first, first + phase.epochs):
+        _train_epoch(rr, phase, trainer, pipe, average, epoch)
+        _evaluate(rr, phase, module, chain_group, epoch)
+    rr.state.tally(phase.name).skipped = trainer.skipped
+    sent = torch.tensor(pipe.bytes_sent, dtype=torch.float64)
+    dist.all_reduce(sent)
+    rr.state.comm["finetune_forward_bytes"], rr.state.comm["finetune_backward_bytes"] = (int(v) for v in sent)
+    rr.state.comm["finetune_allreduce_bytes"] = average.bytes if average else 0
+    rr.state.comm["gather_bytes"] = rr.state.comm.get("gather_bytes", 0) + gather_on_rank0(rr)
+
+
+def _train_epoch(rr: "RankRun", phase: "Phase", trainer: PartTrainer, pipe: PipelinedStage, average, epoch: int):
+    topo, state = rr.topo, rr.state
+    tally = state.tally(phase.name)
+    shard = topo.replicas
+    batches = rr.run.train_batches().epoch(epoch) if topo.is_first else range(rr.steps_per_epoch)
+    rows = rr.cfg.train.batch_size // shard
+    for x in batches:
+        t0 = time.perf_counter()
+        mine = x[topo.replica * rows : (topo.replica + 1) * rows].to(rr.device) if topo.is_first else None
+        loss = pipelined_step(trainer, pipe, mine, rows, average, topo.replicas, rr.device)
+        elapsed = time.perf_counter() - t0
+        state.step += 1
+        tally.steps, tally.images = tally.steps + 1, tally.images + rows
+        tally.seconds += elapsed
+        tally.busy_seconds += elapsed
+        state.train_seconds += elapsed
+        if rr.log is not None and trainer.steps % rr.cfg.train.log_every == 0:
+            bpd = loss + math.log(rr.run.n_bins) / LN2  # the dequantisation's constant, as in bits_per_dim
+            rr.log.log({"kind": "step", "phase": phase.name, "part": 0, "epoch": epoch, "step": state.step,
+                        "loss": loss, "prefix_bpd": bpd, "images_per_s": rows / max(elapsed, 1e-9),
+                        "rank": topo.rank, "replica": topo.replica, "wall": time.time()})
+
+
+def _evaluate(rr: "RankRun", phase: "Phase", module: nn.Module, group, epoch: int) -> None:
+    """Forward only through replica 0's stages; the last one's mean bits/dim goes to rank 0's history."""
+    topo, state = rr.topo, rr.state
+    bpd = None
+    if topo.replica == 0:
+        part = rr.run.parts[topo.stage]
+        shapes = [] if topo.is_first else [part.in_shape, ()]
+        tests = rr.run.test_batches().epoch(0) if topo.is_first else None
+        total, count = 0.0, 0
+        for logp in forward_only(module, topo.stage, topo.stages, tests, shapes, rr.device, group):
+            total += float(bits_per_dim(logp, rr.run.num_dims, rr.run.n_bins).double().sum())
+            count += len(logp)
+        bpd = total / count if count else None
+    bpd = broadcast_object(bpd, src=topo.stages - 1)
+    state.tally(phase.name).test_bpd = bpd
+    record = {"kind": "eval", "phase": phase.name, "epoch": epoch + 1, "test_bpd": bpd, "test_prefix_bpd": [bpd],
+              "train_seconds": state.train_seconds, "step": state.step}
+    state.history.append(record)
+    if rr.log is not None:
+        rr.log.log({**record, "wall": time.time()})
+
+
+def gather_on_rank0(rr: "RankRun") -> int:
+    """Replica 0's parts, on the host, into rank 0's model (for ``model.pt``); returns the bytes gathered."""
+    topo = rr.topo
+    mine = None
+    if topo.replica == 0 and topo.rank != 0:
+        mine = {k: v.detach().cpu() for k, v in rr.run.parts[topo.stage].state_dict().items()}
+    states = gather_to_rank0(mine)
+    if topo.rank != 0:
+        return 0
+    moved = 0
+    for s, state in enumerate(states[: topo.stages]):
+        if state is not None:
+            rr.run.parts[s].load_state_dict(state)
+            moved += sum(v.numel() * v.element_size() for v in state.values())
+    from pipeflow.multirank import place_whole_model  # noqa: PLC0415
+
+    place_whole_model(rr.run.model, rr.run.parts, torch.device("cpu"))
+    return moved
