@@ -8,6 +8,7 @@ parts without exchanging them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -39,7 +40,7 @@ class Run:
         return test_batches(self.data, self.cfg.data, self.cfg.train.eval_batch_size)
 
     def part_lr(self, k: int) -> float:
-        return self.cfg.train.part_lrs[k] if self.cfg.train.part_lrs else self.cfg.train.lr
+        return part_lr(self.cfg, k, len(self.parts))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,14 +60,26 @@ def build_model(cfg: Config, shape: tuple[int, int, int]) -> Glow:
     return Glow(c, h, m.levels, m.steps, m.hidden, m.coupling, m.lu)
 
 
-def build_parts(cfg: Config, model: Glow, count: int | None = None) -> list[Part]:
+def build_parts(cfg: Config, model: Glow, count: int | None = None, scheme: str | None = None,
+                cuts: Sequence[int] | None = None, step_costs: Sequence[float] | None = None) -> list[Part]:
+    """The one part builder: ``count`` parts (default parts.count) of ``scheme`` (default parts.scheme).
+
+    ``cuts`` replaces parts.cuts (scheme ``cuts``); ``balanced`` balances ``step_costs`` if given
+    (measured ones, say), else the FLOP model's. One part is the whole model, whatever the scheme.
+    """
     p = cfg.parts
-    step_costs = ()
-    if p.scheme == "balanced":
+    scheme, count = scheme or p.scheme, count or p.count
+    if scheme == "balanced" and not step_costs:
         from pipeflow.tools.flops import step_flops  # noqa: PLC0415
 
         step_costs = step_flops(model)
-    return split_into_parts(model, p.scheme, count or p.count, p.cuts, p.boundary_prior, step_costs)
+    return split_into_parts(model, scheme, count, p.cuts if cuts is None else cuts, p.boundary_prior, step_costs or ())
+
+
+def part_lr(cfg: Config, k: int, parts: int) -> float:
+    """Part k's learning rate: train.part_lrs[k] when the model is cut (one part, the whole model: train.lr)."""
+    t = cfg.train
+    return t.part_lrs[k] if t.part_lrs and parts > 1 else t.lr
 
 
 def build_run(cfg: Config) -> Run:

@@ -96,12 +96,13 @@ def plan(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
     from pipeflow.data import dataset_shape  # noqa: PLC0415
     from pipeflow.tools.plan import describe_parts, predicted_ratios, scheme_parts  # noqa: PLC0415
     from pipeflow.build import build_model  # noqa: PLC0415
+    from pipeflow.config import AUTOMATIC_SCHEMES  # noqa: PLC0415
 
     cfg = _config(config, set_)
     model = build_model(cfg, dataset_shape(cfg.data))
     out = make_console()
     report = {}
-    schemes = [cfg.parts.scheme] + [s for s in ("blocks", "across", "balanced") if s != cfg.parts.scheme]
+    schemes = [cfg.parts.scheme] + [s for s in AUTOMATIC_SCHEMES if s != cfg.parts.scheme]
     for scheme in schemes:
         try:
             parts = scheme_parts(cfg, model, scheme, cfg.parts.count)

@@ -109,10 +109,14 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# How a model may be cut (see pipeflow.parts); the tools compare the ones that need no cut points.
+SCHEMES = ("blocks", "across", "cuts", "balanced")
+AUTOMATIC_SCHEMES = ("blocks", "across", "balanced")
+
 CHOICES = {
     ("model", "coupling"): ("affine", "additive"),
     ("data", "dataset"): ("digits", "npz", "mnist", "fashion_mnist", "cifar10"),
-    ("parts", "scheme"): ("blocks", "across", "cuts", "balanced"),
+    ("parts", "scheme"): SCHEMES,
     ("parts", "boundary_prior"): ("standard", "learned"),
     ("train", "schedule"): ("e2e", "pipeline", "alternate", "sequential"),
     ("train", "optimizer"): ("adam", "adamax"),

@@ -355,7 +355,7 @@ def _stage_hooks(rr: RankRun, part, trainer, grad_hook, outbox, tally: Tally, on
 
 def gather(rr: RankRun, trainer: PartTrainer) -> None:
     """Every part onto every rank (and its optimiser moments, to carry on); rank 0 takes the reports."""
-    topo, cfg, state = rr.topo, rr.cfg, rr.state
+    topo, cfg = rr.topo, rr.cfg
     rr.ctx.entering("gather")
     if _pipelined(rr):  # each part stays on its rank, with its own moments; only the reports travel
         rr.carried = optimizer_states([trainer]) if cfg.train.finetune_optimizer == "carry" else {}

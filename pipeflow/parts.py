@@ -20,11 +20,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from pipeflow.config import SCHEMES
 from pipeflow.errors import UserError
 from pipeflow.glow.gaussian import LearnedGaussian, StandardNormal
 from pipeflow.glow.model import Glow, flow_forward
 
-SCHEMES = ("blocks", "across", "cuts", "balanced")
 
 
 class Part(nn.Module):

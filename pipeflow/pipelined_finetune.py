@@ -35,7 +35,7 @@ from pipeflow.distributed.transport import link_groups
 from pipeflow.errors import UserError
 from pipeflow.glow.model import check_invertible, is_initialized
 from pipeflow.objective import LN2, PartLikelihood, bits_per_dim
-from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
+from pipeflow.part_trainer import PartTrainer, TrainingDiverged
 
 if TYPE_CHECKING:
     from pipeflow.multirank import RankRun

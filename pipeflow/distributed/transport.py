@@ -75,11 +75,19 @@ class Message:
 class Counters:
     """Bytes moved by this rank, by direction relative to the pipeline."""
 
-    forward_bytes: int = 0
-    backward_bytes: int = 0
+    forward_bytes: int = 0  # to a later stage (a higher rank of the same pipeline)
+    backward_bytes: int = 0  # to an earlier one: what the by-parts phase never sends
     forward_messages: int = 0
     wire_seconds: float = 0.0
     paced_seconds: float = 0.0  # how long a throttled link (``bandwidth``) held messages back
+
+    def sent(self, rank: int, peer: int, nbytes: int) -> None:
+        """Count one message that went out, by the direction it went."""
+        if peer > rank:
+            self.forward_bytes += nbytes
+            self.forward_messages += 1
+        else:
+            self.backward_bytes += nbytes
 
 
 def _row_numel(shape: tuple[int, ...]) -> int:
@@ -254,8 +262,7 @@ class Outbox:
                         self.counters.paced_seconds += lag
                 if counted:
                     self.counters.wire_seconds += time.perf_counter() - t0
-                    self.counters.forward_bytes += nbytes
-                    self.counters.forward_messages += 1
+                    self.counters.sent(self.rank, self.peer, nbytes)
             except BaseException as exc:  # noqa: BLE001 (handed to the main thread)
                 self._error = PeerSilent(
                     f"rank {self.rank} could not send to rank {self.peer}: rank {self.peer} took nothing for "

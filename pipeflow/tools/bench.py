@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeflow.config import Config, with_overrides
+from pipeflow.config import AUTOMATIC_SCHEMES, Config, with_overrides
 from pipeflow.errors import UserError
 
 ALL_MODES = ("e2e", "e2e-threads", "alternate", "pipeline-1dev", "ddp", "pipeline", "gpipe", "1f1b")
 PIPELINED = ("gpipe", "1f1b")  # end-to-end pipeline parallelism (torch.distributed.pipelining), one part per rank
-SCHEMES = ("blocks", "across", "balanced", "balanced-measured", "cuts")
+SCHEMES = (*AUTOMATIC_SCHEMES, "balanced-measured", "cuts")  # the bench adds the measured balance
 SCHEME_ALIASES = {"measured": "balanced-measured"}
 PAPER_PLAN = {2: 720 / 1026, 3: 647 / 1020}  # the paper's measured wall-time ratios (CIFAR-10 Glow, across)
 
@@ -347,7 +347,7 @@ def _bench_batches(cfg: Config, B: int, opts: BenchOptions) -> tuple[list, int]:
 
 def _schemes(cfg: Config, opts: BenchOptions) -> list[str]:
     """The split schemes to run: those asked for, else the configured one first and then the others."""
-    others = [s for s in ("blocks", "across", "balanced") if s != cfg.parts.scheme]
+    others = [s for s in AUTOMATIC_SCHEMES if s != cfg.parts.scheme]
     schemes = list(opts.schemes or [cfg.parts.scheme, *others])
     if opts.measure_costs and "balanced-measured" not in schemes:
         schemes.append("balanced-measured")
@@ -422,7 +422,7 @@ def _measure_costs(session: _Session, steps: int) -> tuple[list[float], list[flo
 def _splits(cfg: Config, model, schemes: list[str], P: int, measured: tuple[list[float], list[float]] | None,
             notes: list[str]) -> dict[str, dict]:
     """Each scheme's split: its cuts, and the FLOP share and measured share of each part."""
-    from pipeflow.parts import split_into_parts  # noqa: PLC0415
+    from pipeflow.build import build_parts  # noqa: PLC0415
     from pipeflow.tools.balance import balanced_cuts  # noqa: PLC0415
     from pipeflow.tools.plan import scheme_parts  # noqa: PLC0415
 
@@ -430,7 +430,7 @@ def _splits(cfg: Config, model, schemes: list[str], P: int, measured: tuple[list
     for scheme in schemes:
         try:
             if scheme == "balanced-measured":
-                parts = split_into_parts(model, "cuts", P, balanced_cuts(measured[0], P), cfg.parts.boundary_prior)
+                parts = build_parts(cfg, model, P, "cuts", balanced_cuts(measured[0], P))
             else:
                 parts = scheme_parts(cfg, model, scheme, P)
         except UserError as exc:

@@ -48,8 +48,8 @@ from pipeflow.distributed.process_group import RankEnv, choose_device, join, lea
 from pipeflow.distributed.transport import LinkPacer
 from pipeflow.loop import Chain, DataStream, Hooks, Tally, inbox_stream, run_loop
 from pipeflow.part_trainer import PartTrainer, make_optimizer
-from pipeflow.parts import Part, split_into_parts, whole_model_part
-from pipeflow.build import build_model
+from pipeflow.build import build_model, build_parts, part_lr
+from pipeflow.parts import Part
 
 
 # ---------------------------------------------------------------- memory
@@ -239,9 +239,7 @@ def build_parts_from_cuts(cfg: Config, cuts: list[int]) -> tuple[torch.nn.Module
     from pipeflow.data import dataset_shape  # noqa: PLC0415
 
     model = build_model(cfg, dataset_shape(cfg.data))
-    if not cuts:
-        return model, [whole_model_part(model)]
-    return model, split_into_parts(model, "cuts", len(cuts) + 1, cuts, cfg.parts.boundary_prior)
+    return model, build_parts(cfg, model, len(cuts) + 1, "cuts", cuts)
 
 
 def _sync(device: torch.device) -> None:
@@ -300,8 +298,7 @@ def run_single(spec: dict, rank: int, device: torch.device, memory: Memory) -> d
         part.to(device)
     c, h, w = model.input_shape
     t = cfg.train
-    lrs = [t.part_lrs[k] if t.part_lrs and len(parts) > 1 else t.lr for k in range(len(parts))]
-    trainers = [PartTrainer(p, lrs[k], t, c * h * w, spec["n_bins"]) for k, p in enumerate(parts)]
+    trainers = [PartTrainer(p, part_lr(cfg, k, len(parts)), t, c * h * w, spec["n_bins"]) for k, p in enumerate(parts)]
     chain = Chain(trainers, spec["schedule"], epochs=1, alternate_every=1)  # alternate: turns of one step
     clock = StepClock(device, memory, chain)
     memory.reset_peak()
@@ -437,8 +434,7 @@ def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) 
     del model, parts  # this rank holds its part only
     part.to(device)
     t = cfg.train
-    trainer = PartTrainer(part, t.part_lrs[rank] if t.part_lrs else t.lr, t, c * h * w, spec["n_bins"],
-                          name=f"part {rank}")
+    trainer = PartTrainer(part, part_lr(cfg, rank, world), t, c * h * w, spec["n_bins"], name=f"part {rank}")
     counters, timeout = Counters(), cfg.distributed.timeout_s
     links = link_groups(Topology(rank, world, world), timeout)  # the same process groups as pipeflow.launch
     stream = _stream(batches, device) if rank == 0 else inbox_stream(Inbox(rank, rank - 1, part.in_shape, device,

@@ -12,9 +12,10 @@ from typing import Sequence
 
 from pipeflow.tools.balance import part_costs
 from pipeflow.config import Config
-from pipeflow.tools.flops import alternate_cost_ratio, part_flops, paper_plan_ratio, step_flops
+from pipeflow.tools.flops import alternate_cost_ratio, part_flops, paper_plan_ratio
 from pipeflow.glow import Glow
-from pipeflow.parts import Part, split_into_parts
+from pipeflow.build import build_parts
+from pipeflow.parts import Part
 
 
 @dataclass
@@ -53,8 +54,7 @@ def describe_parts(model: Glow, parts: list[Part], step_costs: Sequence[float] |
 def scheme_parts(cfg: Config, model: Glow, scheme: str, count: int,
                  step_costs: Sequence[float] | None = None) -> list[Part]:
     """The parts of ``scheme``; ``balanced`` balances ``step_costs`` if given, else the FLOP model."""
-    costs = (step_costs or step_flops(model)) if scheme == "balanced" else ()
-    return split_into_parts(model, scheme, count, cfg.parts.cuts, cfg.parts.boundary_prior, costs)
+    return build_parts(cfg, model, count, scheme, step_costs=step_costs)
 
 
 def predicted_ratios(cfg: Config, model: Glow, parts: list[Part]) -> dict[str, float]:
