@@ -35,7 +35,8 @@ def train_step(trainers: Sequence[PartTrainer], active: Sequence[int], h: torch.
     Returns the last output computed and ``(part, loss, mean prefix bits/dim)`` per trained part
     (``part`` counts in the chain). Parts after the last active one are not run at all.
     """
-    carry = torch.zeros(len(h), device=h.device) if carry is None else carry
+    if carry is None and isinstance(h, torch.Tensor):
+        carry = torch.zeros(len(h), device=h.device)
     results, out = [], None
     for k in range(max(active) + 1):
         if k in active:
@@ -167,7 +168,8 @@ def run_loop(chain: Chain, stream: Iterable[Message], tally: Tally, hooks: Hooks
 
 def _train(chain: Chain, msg: Message, tally: Tally, phase: str) -> tuple[PartOutput, list[tuple[int, dict]]]:
     t0 = time.perf_counter()
-    out, results = train_step(chain.trainers, chain.active(msg), msg.h, msg.carry)
+    h = msg.rows if msg.h is None else msg.h  # a batch another process holds: only its size
+    out, results = train_step(chain.trainers, chain.active(msg), h, msg.carry)
     elapsed = time.perf_counter() - t0
     tally.busy_seconds += elapsed
     tally.steps += 1
@@ -214,7 +216,9 @@ class DataStream:
     device: torch.device
     steps_per_epoch: int
 
-    def _msg(self, kind: int, x: torch.Tensor, epoch: int, step: int) -> Message:
+    def _msg(self, kind: int, x: torch.Tensor | int, epoch: int, step: int) -> Message:
+        if isinstance(x, int):  # a step whose batch another process holds: only its size
+            return Message(kind, x, epoch, step)
         x = x.to(self.device)
         return Message(kind, len(x), epoch, step, x, torch.zeros(len(x), device=self.device))
 

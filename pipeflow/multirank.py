@@ -168,11 +168,16 @@ def check_keep(cfg: Config, topo: Topology, steps_per_epoch: int) -> None:
             f"set checkpoint.keep = {most + 1} or more, or raise checkpoint.every_steps")
 
 
-def plan_resume(manifests: list[list[dict]], topo: Topology) -> tuple[str, int] | None:
-    """Where to resume from, given every rank's manifest: ``(phase, step)`` or None (from scratch)."""
+def plan_resume(manifests: list[list[dict]], topo: Topology,
+                finetune_per_rank: bool = False) -> tuple[str, int] | None:
+    """Where to resume from, given every rank's manifest: ``(phase, step)`` or None (from scratch).
+
+    Fine-tuning is saved by rank 0 alone (DDP replicas are equal), or with ``finetune_per_rank``
+    (pipelined fine-tuning: every rank holds its own part) by every rank, like the by-parts phase.
+    """
     for r, entries in enumerate(manifests):
         newest_entry_check(entries, "launch", topo.world, topo.stages, f"the checkpoints of rank {r}")
-    finetune = [e["step"] for e in manifests[0] if e["phase"] in FINETUNE_PHASES]
+    finetune = _common_steps(manifests if finetune_per_rank else manifests[:1], FINETUNE_PHASES)
     if finetune:
         return "finetune", max(finetune)
     by_parts = [{e["step"] for e in entries if e["phase"] == "by_parts"} for entries in manifests]
@@ -184,6 +189,11 @@ def plan_resume(manifests: list[list[dict]], topo: Topology) -> tuple[str, int] 
         raise UserError(f"no step is saved by every rank ({held}); raise checkpoint.keep, "
                         "or pass --force to start afresh")
     return "by_parts", max(common)
+
+
+def _common_steps(manifests: list[list[dict]], phases: tuple[str, ...]) -> set[int]:
+    """The steps of ``phases`` that every one of ``manifests`` lists."""
+    return set.intersection(*({e["step"] for e in entries if e["phase"] in phases} for entries in manifests))
 
 
 # --- the steps of a run --------------------------------------------------------------------------
@@ -246,10 +256,11 @@ def plan_start(rr: RankRun, force: bool, resume: bool) -> None:
     if resume:
         with guard("agreeing where to resume", rr.timeout):
             manifests = gather_all(mine)
-        rr.plan = every_rank_agrees("planning the resume", rr, rr.timeout, lambda: plan_resume(manifests, topo))
+        rr.plan = every_rank_agrees("planning the resume", rr, rr.timeout,
+                                    lambda: plan_resume(manifests, topo, _pipelined(rr)))
     if rr.plan is not None:
         phase, step = rr.plan
-        mine_to_read = phase == "by_parts" or topo.rank == 0
+        mine_to_read = phase == "by_parts" or topo.rank == 0 or _pipelined(rr)
         rr.blob = every_rank_agrees("reading the checkpoints", rr, rr.timeout,
                                     lambda: rr.store.load(step, cfg) if mine_to_read else None)
         if phase in FINETUNE_PHASES and (cfg.distributed.finetune == "ddp" or topo.stages == 1):

@@ -13,9 +13,9 @@ at ``train.finetune_lr`` (or ``train.lr``). Gradient clipping uses the norm of t
 flow's gradient (the squared norms of the stages, summed across ranks), so a step is the step
 one device takes on the same batch. Replicas of a stage average their gradients first.
 
-No checkpoints are written in this phase: a run resumed with ``--resume`` fine-tunes again from
-the last by-parts checkpoint. At the end the parts are gathered on rank 0 (on the host) for
-``model.pt``; that is the only gather.
+The phase runs through the one training loop (:mod:`pipeflow.loop`); each rank checkpoints its
+own part and optimiser, and a resumed run continues from the newest step every rank has saved.
+At the end the parts are gathered on rank 0 (on the host) for ``model.pt``; that is the only gather.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from pipeflow.distributed.pipelined import PipelinedStage, forward_only, pipelin
 from pipeflow.distributed.transport import link_groups
 from pipeflow.errors import UserError
 from pipeflow.glow.model import check_invertible, is_initialized
-from pipeflow.objective import LN2, PartLikelihood, bits_per_dim
+from pipeflow.loop import Chain, DataStream, Hooks, run_loop
+from pipeflow.objective import LN2, PartLikelihood, PartOutput, bits_per_dim
+from pipeflow.state import restore
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged
 
 if TYPE_CHECKING:
@@ -61,9 +63,6 @@ def check_pipelined(rr: "RankRun") -> None:
     if t.batch_size % (topo.replicas * d.microbatches):
         raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of distributed.microbatches "
                         f"({d.microbatches}) x {topo.replicas} replicas for pipelined fine-tuning")
-    if rr.plan is not None and rr.plan[0] != "by_parts":
-        raise UserError("pipelined fine-tuning (distributed.finetune = \"pipeline\") cannot resume from a fine-tuning "
-                        "checkpoint; pass --force to start afresh")
 
 
 def whole_flow_step(trainer: PartTrainer, loss: float | None, replicas: int,
@@ -149,28 +148,53 @@ def initialise_on_host(model: nn.Module, own: nn.Module, x: torch.Tensor, device
     own.to(device)
 
 
+class PipelinedTrainer:
+    """This stage as the training loop's one trainer: a step is the schedule's step, every stage at once.
+
+    Stage 0 is handed the batch, the others only its size; every stage gets the whole flow's
+    mean loss back (the last stage computes it), so the loop logs the same figures on any rank.
+    """
+
+    def __init__(self, inner: PartTrainer, pipe: PipelinedStage, average, replicas: int, device: torch.device,
+                 n_bins: int):
+        self.inner, self.pipe, self.average, self.replicas, self.device = inner, pipe, average, replicas, device
+        self.part = inner.part
+        self.constant = math.log(n_bins) / LN2  # the dequantisation's, as in bits_per_dim
+
+    @property
+    def steps(self) -> int:
+        return self.inner.steps
+
+    def train_step(self, h, carry) -> tuple[PartOutput, float, float]:
+        x, rows = (h, len(h)) if isinstance(h, torch.Tensor) else (None, h)
+        loss = pipelined_step(self.inner, self.pipe, x, rows, self.average, self.replicas, self.device)
+        return PartOutput(None, None, None, None), loss, loss + self.constant
+
+
 def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
     """Fine-tune the glued flow through the pipelining schedule; rank 0 ends with the whole model."""
     from pipeflow.multirank import every_rank_agrees  # noqa: PLC0415 (multirank dispatches here)
 
     topo, cfg = rr.topo, rr.cfg
     every_rank_agrees("checking pipelined fine-tuning", rr, rr.timeout, lambda: check_pipelined(rr))
-    initialise_if_fresh(rr)
+    resumed = rr.blob is not None and rr.plan[0] == "finetune"
+    if not resumed:
+        initialise_if_fresh(rr)
     if topo.is_first and rr.run.data is None:
         rr.run.data = load_dataset(cfg.data)
     stage_group = link_groups(topo, rr.timeout).stage
     chain_group = pipeline_groups(topo.stages, topo.replicas, topo.rank, rr.timeout)
     trainer = stage_trainer(rr)
+    if resumed:
+        rr.state = restore(rr.blob, [trainer.part], [trainer], rr.device)
     module = StageLikelihood(trainer.module, topo.is_first, topo.is_last)
     d = rr.run.num_dims
     pipe = PipelinedStage(module, topo.stage, topo.stages, rr.device, cfg.distributed.microbatches,
                           cfg.distributed.pipeline_schedule, lambda logp, _: -logp.mean() / (d * LN2), chain_group)
     average = gradient_averager(stage_group, topo.replicas) if stage_group is not None else None
     rr.state.phase = phase.name
-    first = cfg.train.by_parts_epochs
-    for epoch in range(first, first + phase.epochs):
-        _train_epoch(rr, phase, trainer, pipe, average, epoch)
-        _evaluate(rr, phase, module, chain_group, epoch)
+    stepper = PipelinedTrainer(trainer, pipe, average, topo.replicas, rr.device, rr.run.n_bins)
+    _run(rr, phase, stepper, lambda msg, means: _evaluate(rr, phase, module, chain_group, msg.epoch))
     rr.state.tally(phase.name).skipped = trainer.skipped
     sent = torch.tensor(pipe.bytes_sent, dtype=torch.float64)
     dist.all_reduce(sent)
@@ -179,27 +203,33 @@ def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
     rr.state.comm["gather_bytes"] = rr.state.comm.get("gather_bytes", 0) + gather_on_rank0(rr)
 
 
-def _train_epoch(rr: "RankRun", phase: "Phase", trainer: PartTrainer, pipe: PipelinedStage, average, epoch: int):
-    topo, state = rr.topo, rr.state
-    tally = state.tally(phase.name)
-    shard = topo.replicas
-    batches = rr.run.train_batches().epoch(epoch) if topo.is_first else range(rr.steps_per_epoch)
-    rows = rr.cfg.train.batch_size // shard
-    for x in batches:
-        t0 = time.perf_counter()
-        mine = x[topo.replica * rows : (topo.replica + 1) * rows].to(rr.device) if topo.is_first else None
-        loss = pipelined_step(trainer, pipe, mine, rows, average, topo.replicas, rr.device)
-        elapsed = time.perf_counter() - t0
-        state.step += 1
-        tally.steps, tally.images = tally.steps + 1, tally.images + rows
-        tally.seconds += elapsed
-        tally.busy_seconds += elapsed
-        state.train_seconds += elapsed
-        if rr.log is not None and trainer.steps % rr.cfg.train.log_every == 0:
-            bpd = loss + math.log(rr.run.n_bins) / LN2  # the dequantisation's constant, as in bits_per_dim
-            rr.log.log({"kind": "step", "phase": phase.name, "part": 0, "epoch": epoch, "step": state.step,
-                        "loss": loss, "prefix_bpd": bpd, "images_per_s": rows / max(elapsed, 1e-9),
-                        "rank": topo.rank, "replica": topo.replica, "wall": time.time()})
+def _run(rr: "RankRun", phase: "Phase", stepper: PipelinedTrainer, evaluate) -> None:
+    """The one training loop over this stage: stage 0 reads its replica's rows, the others count steps."""
+    from pipeflow.train import is_checkpoint_step  # noqa: PLC0415
+
+    topo, cfg, state = rr.topo, rr.cfg, rr.state
+    rows = cfg.train.batch_size // topo.replicas
+    if topo.is_first:
+        batches = rr.run.train_batches()
+        def epoch(e, skip):
+            return (x[topo.replica * rows:(topo.replica + 1) * rows] for x in batches.epoch(e, skip))
+    else:
+        def epoch(e, skip):
+            return [rows] * (rr.steps_per_epoch - skip)
+    data = DataStream(epoch, lambda: [], rr.device, rr.steps_per_epoch)  # (evaluation: a collective of its own)
+    saver = rr.saver()
+
+    def stepped(msg) -> None:
+        state.step = msg.step
+        if is_checkpoint_step(msg.step, rr.steps_per_epoch, cfg.checkpoint.every_steps):
+            saver.save(state, [stepper.part], [stepper.inner])  # every rank its own part: nothing is gathered
+
+    first = cfg.train.by_parts_epochs
+    hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=evaluate, after_step=[stepped, *rr.ctx.step_hooks],
+                  record_extra={"rank": topo.rank, "replica": topo.replica})
+    chain = Chain([stepper], "e2e", phase.epochs, first, 0, first * rr.steps_per_epoch)
+    run_loop(chain, data.phase(first, phase.epochs, state.step), state.tally(phase.name), hooks, phase.name,
+             cfg.train.log_every, on_time=lambda s: setattr(state, "train_seconds", state.train_seconds + s))
 
 
 def _evaluate(rr: "RankRun", phase: "Phase", module: nn.Module, group, epoch: int) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from support import MULTIRANK, max_difference, metrics, ok, pipeflow, summary, torchrun, write_config
+from support import MULTIRANK, comparable_metrics, max_difference, metrics, ok, pipeflow, summary, torchrun, write_config
 
 
 def pipelined_config(tmp_path: Path, parts: int, **more) -> Path:
@@ -44,6 +44,21 @@ def test_pipelined_finetuning_equals_one_device(tmp_path, parts, schedule, clip)
     assert evals == [pytest.approx(run["test_bpd"])]
     ok(pipeflow("eval", "--checkpoint", tmp_path / "pipe" / "model.pt", "--json", tmp_path / "eval.json"))
     assert json.loads((tmp_path / "eval.json").read_text())["test_bpd"] == pytest.approx(run["test_bpd"], abs=1e-5)
+
+
+def test_a_killed_pipelined_fine_tuning_resumes_to_the_uninterrupted_parameters(tmp_path):
+    """Every rank checkpoints its own part in this phase (nothing is gathered): a rank killed inside it
+    restarts under torchrun from the newest step every rank saved, and ends as the uninterrupted run."""
+    config = pipelined_config(tmp_path, 2, **{"checkpoint.every_steps": 1, "checkpoint.keep": 8,
+                                              "distributed.microbatches": 4})
+    ok(torchrun(2, config, tmp_path / "reference"))
+    result = torchrun(2, config, tmp_path / "run", restarts=1, env={"PIPEFLOW_TEST_FAULT": "exit:1:8"})
+    ok(result)
+    assert "[rank 1] injected fault: exit after step 8" in result.stderr  # step 3 of fine-tuning
+    assert "(resumed after step 8)" in result.stdout
+    assert max_difference(tmp_path / "run", tmp_path / "reference") == 0.0
+    assert comparable_metrics(tmp_path / "run") == comparable_metrics(tmp_path / "reference")
+    assert summary(tmp_path / "run")["test_bpd"] == summary(tmp_path / "reference")["test_bpd"]
 
 
 def test_bytes_sent_are_one_latent_and_carry_per_image_each_way(tmp_path):
