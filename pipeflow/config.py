@@ -48,7 +48,9 @@ class PartsConfig:
     count: int = 0  # P; 0 (left out): one part per process, see parts_count
     scheme: str = "across"  # blocks | across | cuts | balanced
     cuts: list[int] = field(default_factory=list)  # for scheme = "cuts": flow steps before each cut
-    boundary_prior: str = "standard"  # standard | learned (per-channel Gaussian)
+    # standard (N(0, I)) | learned (per-channel Gaussian) | position (per channel and position) |
+    # conditional (Glow's split prior) | flow (a small auxiliary flow head); see pipeflow.priors
+    boundary_prior: str = "standard"
 
 
 @dataclass
@@ -112,12 +114,14 @@ class Config:
 # How a model may be cut (see pipeflow.parts); the tools compare the ones that need no cut points.
 SCHEMES = ("blocks", "across", "cuts", "balanced")
 AUTOMATIC_SCHEMES = ("blocks", "across", "balanced")
+# The densities a part may put on its output (see pipeflow.priors).
+BOUNDARY_PRIORS = ("standard", "learned", "position", "conditional", "flow")
 
 CHOICES = {
     ("model", "coupling"): ("affine", "additive"),
     ("data", "dataset"): ("digits", "npz", "mnist", "fashion_mnist", "cifar10"),
     ("parts", "scheme"): SCHEMES,
-    ("parts", "boundary_prior"): ("standard", "learned"),
+    ("parts", "boundary_prior"): BOUNDARY_PRIORS,
     ("train", "schedule"): ("e2e", "pipeline", "alternate", "sequential"),
     ("train", "optimizer"): ("adam", "adamax"),
     ("train", "finetune_optimizer"): ("carry", "fresh"),

@@ -22,8 +22,8 @@ from torch import nn
 
 from pipeflow.config import SCHEMES
 from pipeflow.errors import UserError
-from pipeflow.glow.gaussian import LearnedGaussian, StandardNormal
 from pipeflow.glow.model import Glow, flow_forward
+from pipeflow.priors import boundary_prior as make_boundary_prior
 
 
 
@@ -90,7 +90,11 @@ def split_into_parts(
     boundary_prior: str = "standard",
     step_costs: Sequence[float] = (),
 ) -> list[Part]:
-    """Cut ``model`` into ``parts`` contiguous parts; the last one ends with the model's top prior."""
+    """Cut ``model`` into ``parts`` contiguous parts; the last one ends with the model's top prior.
+
+    Every other part ends with a new ``boundary_prior`` (see :mod:`pipeflow.priors`), built in
+    flow order right after the model, so that every process builds the same one.
+    """
     if parts == 1:
         points = []
     else:
@@ -102,14 +106,7 @@ def split_into_parts(
         in_shape = model.layer_shapes[start][0]
         out_shape = model.layer_shapes[stop - 1][1]
         last = k == len(bounds) - 2
-        if last:
-            prior = model.top_prior
-        elif boundary_prior == "standard":
-            prior = StandardNormal()
-        elif boundary_prior == "learned":
-            prior = LearnedGaussian((out_shape[0], 1, 1))
-        else:
-            raise UserError(f"unknown boundary prior {boundary_prior!r}; choose 'standard' or 'learned'")
+        prior = model.top_prior if last else make_boundary_prior(boundary_prior, out_shape)
         result.append(Part(k, model.layers[start:stop], prior, in_shape, out_shape, range(bounds[k], bounds[k + 1])))
     return result
 

@@ -8,14 +8,18 @@ import random
 
 import pytest
 import torch
-from conftest import make_glow
+from conftest import make_glow, perturb_zero_convs
+from torch.nn import functional as F
 
 from pipeflow.tools.balance import balanced_cuts
 from pipeflow.errors import UserError
 from pipeflow.glow import Glow
 from pipeflow.glow.model import flow_forward
 from pipeflow.objective import PartLikelihood, bits_per_dim, part_objective
-from pipeflow.parts import cut_points, split_into_parts
+from pipeflow.config import BOUNDARY_PRIORS
+from pipeflow.glow.gaussian import LearnedGaussian, StandardNormal
+from pipeflow.parts import cut_points, split_into_parts, whole_model_part
+from pipeflow.priors import ConditionalGaussian, FlowPrior, boundary_prior
 
 N_BINS = 17
 D = 64
@@ -137,9 +141,15 @@ def test_carry_gives_the_models_bits_per_dim(model_and_parts):
     torch.testing.assert_close(out.prefix_bpd, expected.detach(), rtol=1e-10, atol=1e-10)
 
 
-def test_prefix_bpd_is_that_of_the_shallower_flow(model_and_parts):
-    """Part k's prefix bpd is the exact bits/dim of the flow f_k o ... o f_1 with prior N(0, I)."""
-    model, parts = model_and_parts
+@pytest.mark.parametrize("boundary_prior", BOUNDARY_PRIORS)
+@pytest.mark.parametrize("scheme, count", [("across", 3), ("blocks", 2), ("cuts", 4)])
+def test_prefix_bpd_is_that_of_the_shallower_flow(scheme, count, boundary_prior):
+    """Part k's prefix bpd is the exact bits/dim of the flow f_k o ... o f_1 with its boundary prior."""
+    model = make_glow(levels=3, steps=2, seed=count)
+    parts = split_into_parts(model, scheme, count, cuts=[1, 2, 5], boundary_prior=boundary_prior)
+    for part in parts[:-1]:
+        part.prior.double()
+        _perturb_prior(part.prior, seed=part.index)
     x = _x()
     h, carry = x, torch.zeros(len(x), dtype=torch.float64)
     stop = 0
@@ -148,19 +158,18 @@ def test_prefix_bpd_is_that_of_the_shallower_flow(model_and_parts):
         h, carry = out.h, out.carry
         stop += len(part.layers)
         h_direct, _, logdet, logp_factored = flow_forward(model.layers[:stop], x)
-        standard = torch.distributions.Normal(0.0, 1.0).log_prob(h_direct).flatten(1).sum(1)
-        expected = bits_per_dim(standard + logdet + logp_factored, D, N_BINS)
+        expected = bits_per_dim(reference_log_prob(part.prior, h_direct) + logdet + logp_factored, D, N_BINS)
         torch.testing.assert_close(out.prefix_bpd, expected.detach(), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("boundary_prior", ["standard", "learned"])
+@pytest.mark.parametrize("boundary_prior", BOUNDARY_PRIORS)
 def test_gradient_isolation(boundary_prior):
+    """Each part's loss reaches every parameter of that part, its boundary prior's included, and no other."""
     model = make_glow(levels=3, steps=2, seed=11)
     parts = split_into_parts(model, "across", 3, boundary_prior=boundary_prior)
-    if boundary_prior == "learned":
-        with torch.no_grad():
-            for p in parts[:-1]:
-                p.prior.mean.normal_(0, 0.1)
+    for p in parts[:-1]:
+        p.prior.double()
+        _perturb_prior(p.prior, seed=p.index)
     x = _x()
     for k in range(len(parts)):
         model.zero_grad(set_to_none=True)
@@ -179,4 +188,118 @@ def test_gradient_isolation(boundary_prior):
                 else:
                     assert p.grad is None or not p.grad.any(), f"part {k}'s loss reached part {j}'s {name}"
     own = [sum(1 for _ in p.parameters()) for p in parts]
-    assert all(own) and sum(own) == sum(1 for _ in model.parameters()) + (2 * 2 if boundary_prior == "learned" else 0)
+    in_priors = sum(1 for p in parts[:-1] for _ in p.prior.parameters())
+    assert (in_priors == 0) == (boundary_prior == "standard")
+    assert all(own) and sum(own) == sum(1 for _ in model.parameters()) + in_priors
+
+
+# --- the boundary priors ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _perturb_prior(prior, seed=0, std=0.1):
+    """Move every parameter of a boundary prior off its zero start, so no test passes by N(0, I)."""
+    gen = torch.Generator().manual_seed(seed + 777)
+    perturb_zero_convs(prior, seed)
+    for p in prior.parameters():
+        p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def _gaussian(h, mean, log_std):
+    return torch.distributions.Normal(mean, torch.exp(log_std)).log_prob(h).flatten(1).sum(1)
+
+
+def reference_log_prob(prior, h):
+    """Each boundary prior's density by its textbook formula, computed apart from the prior's own code."""
+    if isinstance(prior, StandardNormal):
+        return _gaussian(h, torch.zeros_like(h), torch.zeros_like(h))
+    if isinstance(prior, LearnedGaussian):
+        return _gaussian(h, prior.mean.expand_as(h), prior.log_std.expand_as(h))
+    if isinstance(prior, ConditionalGaussian):
+        a, b = h[:, : prior.keep], h[:, prior.keep :]
+        conv = prior.predict
+        params = F.conv2d(a, conv.conv.weight, conv.conv.bias, padding=1) * torch.exp(3 * conv.log_scale)
+        mean, log_std = params[:, : b.shape[1]], params[:, b.shape[1] :]
+        return _gaussian(a, prior.first.mean.expand_as(a), prior.first.log_std.expand_as(a)) + \
+            _gaussian(b, mean, log_std)
+    assert isinstance(prior, FlowPrior)
+    out = []
+    for sample in h:  # change of variables with the full Jacobian of g, one sample at a time
+
+        def g(v):
+            v = v.unsqueeze(0)
+            for step in prior.steps:
+                v, _ = step(v)
+            return v[0]
+
+        z = g(sample)
+        jac = torch.autograd.functional.jacobian(g, sample).reshape(z.numel(), sample.numel())
+        base = _gaussian(z[None], prior.base.mean, prior.base.log_std)[0]
+        out.append(base + torch.linalg.slogdet(jac)[1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", BOUNDARY_PRIORS)
+def test_boundary_prior_is_its_textbook_density(name):
+    shape = (4, 2, 2)
+    torch.manual_seed(5)
+    prior = boundary_prior(name, shape).double()
+    h = torch.randn(6, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    prior.log_prob(h)  # a flow head's ActNorms initialise on their first batch
+    _perturb_prior(prior, seed=3)
+    torch.testing.assert_close(prior.log_prob(h), reference_log_prob(prior, h), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["position", "conditional"])
+def test_boundary_prior_starts_as_the_standard_normal_and_learns_per_position(name):
+    shape = (4, 3, 3)
+    prior = boundary_prior(name, shape).double()
+    h = torch.randn(5, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(prior.log_prob(h), StandardNormal().log_prob(h), rtol=0, atol=1e-12)
+    gaussian = prior if name == "position" else prior.first
+    assert gaussian.mean.shape[-2:] == shape[-2:]  # one mean per position, not per channel only
+    with torch.no_grad():
+        gaussian.mean[0, 0, 1, 2] = 3.0  # one position only
+    moved = h.clone()
+    moved[:, 0, 1, 2] += 3.0
+    torch.testing.assert_close(prior.log_prob(moved), StandardNormal().log_prob(h))
+
+
+def test_flow_prior_integrates_to_one():
+    """A flow head on a 1x1 output of 2 channels: its density sums to 1 on a fine grid.
+
+    The perturbation is small because a coupling whose scale falls near 0 spreads the mass
+    far beyond any grid (the density stays normalised, the grid would not show it).
+    """
+    torch.manual_seed(0)
+    prior = boundary_prior("flow", (2, 1, 1)).double()
+    prior.log_prob(torch.randn(64, 2, 1, 1, dtype=torch.float64))
+    _perturb_prior(prior, seed=1, std=0.01)
+    assert not torch.allclose(prior.log_prob(torch.zeros(1, 2, 1, 1, dtype=torch.float64)),
+                              StandardNormal().log_prob(torch.zeros(1, 2, 1, 1)).double())
+    grid = torch.linspace(-12, 12, 481, dtype=torch.float64)
+    a, b = torch.meshgrid(grid, grid, indexing="ij")
+    h = torch.stack([a.flatten(), b.flatten()], 1).reshape(-1, 2, 1, 1)
+    mass = prior.log_prob(h).exp().sum() * (grid[1] - grid[0]) ** 2
+    assert abs(mass.item() - 1.0) < 1e-3
+
+
+@pytest.mark.parametrize("name", BOUNDARY_PRIORS)
+def test_boundary_prior_is_the_parts_and_never_the_glued_models(name):
+    """The part's state dict (its checkpoint) holds the prior; the model's (model.pt, fine-tuning) does not."""
+    model = Glow(1, 8, levels=2, steps=2, hidden=4)
+    parts = split_into_parts(model, "across", 2, boundary_prior=name)
+    prior_params = {id(p) for p in parts[0].prior.parameters()}
+    assert prior_params.isdisjoint(id(p) for p in model.parameters())
+    assert prior_params <= {id(p) for p in parts[0].parameters()}  # what PartTrainer's optimiser trains
+    keys = [k for k in parts[0].state_dict() if k.startswith("prior.")]
+    assert (not keys) == (name == "standard")
+    whole = whole_model_part(model)  # what fine-tuning trains
+    assert whole.prior is model.top_prior and {id(p) for p in whole.parameters()} == {id(p) for p in model.parameters()}
+
+
+def test_unknown_boundary_prior_is_refused():
+    with pytest.raises(UserError):
+        boundary_prior("nonsense", (4, 2, 2))
+    with pytest.raises(UserError):
+        boundary_prior("conditional", (1, 2, 2))
