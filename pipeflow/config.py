@@ -38,6 +38,9 @@ class DataConfig:
     path: str = ""  # the .npz file for dataset = "npz"
     root: str = "~/.cache/pipeflow"  # where torchvision datasets live
     download: bool = False  # let torchvision download a missing dataset
+    # grey levels of the stored images; 0: what the data says (an npz's `levels` field; the digits 17),
+    # else 256 for uint8 images. Never guessed from the pixels: a dark 8-bit image has 256.
+    levels: int = 0
     n_bits: int = 0  # reduce to 2^n_bits levels per pixel; 0 keeps the data's own levels
     train_limit: int = 0  # use only the first N training images (0: all)
     test_limit: int = 0  # use only the first N test images (0: all)
@@ -247,6 +250,8 @@ def validate(cfg: Config) -> None:
                         f"{d.microbatches} for pipelined fine-tuning")
     if cfg.data.dataset == "npz" and not cfg.data.path:
         raise UserError("data.dataset = 'npz' needs data.path, the .npz file to read")
+    if cfg.data.levels and not 2 <= cfg.data.levels <= 256:
+        raise UserError(f"data.levels = {cfg.data.levels} must be 0 (the data's own) or in 2..256")
     if cfg.data.n_bits > 8:
         raise UserError(f"data.n_bits = {cfg.data.n_bits} must be at most 8")
 

@@ -39,17 +39,36 @@ class ImageData:
         return tuple(self.x_train.shape[1:])
 
 
-def _load_digits() -> ImageData:
+def _load_digits(levels: int = 0) -> ImageData:
     """scikit-learn's bundled 8x8 digits (1797 images, 17 grey levels): no download, ever."""
     from sklearn.datasets import load_digits  # noqa: PLC0415 (heavy import, only for this set)
 
     images = torch.from_numpy(load_digits().images.astype(np.uint8)).unsqueeze(1)
     n_train = 1437  # the usual 80/20 split, in the bundled order
-    return ImageData("digits", images[:n_train].contiguous(), images[n_train:].contiguous(), 17)
+    levels = resolve_levels("the digits data set", levels, 17, int(images.max()))
+    return ImageData("digits", images[:n_train].contiguous(), images[n_train:].contiguous(), levels)
 
 
-def load_npz(path: str | Path) -> ImageData:
-    """A file with uint8 arrays x_train, y_train, x_test, y_test, images NCHW (see ../shared/data)."""
+def resolve_levels(where: str, asked: int, stored: int, highest: int) -> int:
+    """The grey levels data is scored on, never guessed from its pixels.
+
+    ``asked`` is ``data.levels`` (0: not given), ``stored`` what the data says of itself (0:
+    nothing, which for uint8 images means 256). A dark 8-bit image is 8-bit all the same.
+    """
+    if asked and stored and asked != stored:
+        raise UserError(f"data.levels = {asked} but {where} says its images have {stored} levels")
+    levels = asked or stored or 256
+    if highest >= levels:
+        raise UserError(f"{where} has a pixel of value {highest}, beyond its {levels} levels (set data.levels)")
+    return levels
+
+
+def load_npz(path: str | Path, levels: int = 0) -> ImageData:
+    """A file with uint8 arrays x_train, y_train, x_test, y_test, images NCHW (see ../shared/data).
+
+    An optional scalar ``levels`` in the file gives its grey levels (17 for 0..16 digits); without
+    it, or ``levels`` here (``data.levels``), uint8 images have 256.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"data file {path} does not exist")
@@ -59,6 +78,7 @@ def load_npz(path: str | Path) -> ImageData:
             if missing:
                 raise UserError(f"data file {path} lacks {', '.join(missing)} (expected keys {', '.join(NPZ_KEYS)})")
             x_train, x_test = f["x_train"], f["x_test"]
+            stored = f["levels"] if "levels" in f.files else np.zeros((), np.int64)
     except UserError:
         raise
     except Exception as exc:  # zipfile, pickle and format errors alike: the file is not a usable npz
@@ -74,11 +94,14 @@ def load_npz(path: str | Path) -> ImageData:
         raise UserError(f"data file {path}: train images {x_train.shape[1:]} and test images {x_test.shape[1:]} differ")
     if len(x_train) == 0 or len(x_test) == 0:
         raise UserError(f"data file {path} holds no training or no test images")
-    levels = 17 if int(max(x_train.max(), x_test.max())) <= 16 else 256
+    if stored.shape != () or stored.dtype.kind not in "iu" or not (stored == 0 or 2 <= stored <= 256):
+        raise UserError(f"data file {path}: levels must be one integer in 2..256, got {stored!r}")
+    highest = int(max(x_train.max(), x_test.max()))
+    levels = resolve_levels(f"data file {path}", levels, int(stored), highest)
     return ImageData(path.stem, torch.from_numpy(x_train), torch.from_numpy(x_test), levels)
 
 
-def _load_torchvision(name: str, root: str, download: bool) -> ImageData:
+def _load_torchvision(name: str, root: str, download: bool, levels: int = 0) -> ImageData:
     import torchvision  # noqa: PLC0415
 
     cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
@@ -97,16 +120,18 @@ def _load_torchvision(name: str, root: str, download: bool) -> ImageData:
         x = torch.as_tensor(np.asarray(ds.data))
         return x.unsqueeze(1).contiguous() if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
-    return ImageData(name, images(train), images(test), 256)
+    x_train, x_test = images(train), images(test)
+    levels = resolve_levels(f"dataset {name}", levels, 256, int(max(x_train.max(), x_test.max())))
+    return ImageData(name, x_train, x_test, levels)
 
 
 def load_dataset(cfg: DataConfig) -> ImageData:
     if cfg.dataset == "digits":
-        data = _load_digits()
+        data = _load_digits(cfg.levels)
     elif cfg.dataset == "npz":
-        data = load_npz(cfg.path)
+        data = load_npz(cfg.path, cfg.levels)
     else:
-        data = _load_torchvision(cfg.dataset, cfg.root, cfg.download)
+        data = _load_torchvision(cfg.dataset, cfg.root, cfg.download, cfg.levels)
     if cfg.n_bits and data.levels != 256:
         raise UserError(f"data.n_bits applies to 8-bit images; {data.name} has {data.levels} levels (use n_bits = 0)")
     if cfg.train_limit:

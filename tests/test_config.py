@@ -71,6 +71,9 @@ BAD_VALUES = {
                          "model.coupling = 'spline' is not one of affine, additive"),
     "an lr short": (["--set", "train.part_lrs=[1e-3]"], "train.part_lrs has 1 entries for parts.count = 2"),
     "too many bits": (["--set", "data.n_bits=9"], "data.n_bits = 9 must be at most 8"),
+    "one grey level": (["--set", "data.levels=1"], "data.levels = 1 must be 0 (the data's own) or in 2..256"),
+    "unknown boundary prior": (["--set", "parts.boundary_prior=magic"], "parts.boundary_prior = 'magic' is not one of "
+                               "standard, learned, position, conditional, flow"),
     "npz without a path": (["--set", "data.dataset=npz"],
                            "data.dataset = 'npz' needs data.path, the .npz file to read"),
     # valid on its own, but 8x8 digits cannot be squeezed 4 times: caught when the model is built

@@ -51,9 +51,39 @@ def test_npz_loading(tmp_path, compressed):
     assert n_bins(data, 5) == 32
 
 
-def test_npz_with_digit_levels(tmp_path):
-    path = _write_npz(tmp_path / "d.npz", x_train=_images(10, high=17), x_test=_images(4, high=17))
-    assert load_npz(path).levels == 17  # 0..16 data is scored on 17 levels, like the bundled digits
+def test_levels_are_never_guessed_from_the_pixels(tmp_path):
+    """0..16 pixels are 17 levels only when the file or the config says so; a dark 8-bit image has 256."""
+    dark = _write_npz(tmp_path / "dark.npz", x_train=_images(10, high=17), x_test=_images(4, high=17))
+    assert load_npz(dark).levels == 256
+    assert load_dataset(DataConfig(dataset="npz", path=str(dark), levels=17)).levels == 17
+    digits = _write_npz(tmp_path / "d.npz", x_train=_images(10, high=17), x_test=_images(4, high=17),
+                        levels=np.array(17))
+    assert load_npz(digits).levels == 17 and load_npz(digits, 17).levels == 17
+    assert load_dataset(DataConfig(levels=17)).levels == 17
+    for bad, words in [(lambda: load_npz(digits, 256), "says its images have 17"),
+                       (lambda: load_npz(dark, 8), "beyond its 8 levels"),
+                       (lambda: load_dataset(DataConfig(levels=16)), "the digits data set says its images have 17"),
+                       (lambda: load_npz(_write_npz(tmp_path / "b.npz", x_train=_images(2), x_test=_images(2),
+                                                    levels=np.array([17, 17]))), "one integer")]:
+        with pytest.raises(UserError, match=words):
+            bad()
+
+
+def test_a_dark_8bit_image_is_scored_on_256_levels(tmp_path):
+    """The bits/dim of dark 8-bit data use 256 bins: the dequantised pixels and log(n_bins) both say so."""
+    from pipeflow.build import build_run
+    from pipeflow.config import from_dict
+    from pipeflow.objective import bits_per_dim
+
+    dark = _write_npz(tmp_path / "dark.npz", x_train=_images(20, high=9), x_test=_images(8, high=9))
+    cfg = from_dict({"data": {"dataset": "npz", "path": str(dark)}, "model": {"levels": 2, "steps": 1, "hidden": 4},
+                     "train": {"batch_size": 4, "schedule": "e2e"}})
+    run = build_run(cfg)
+    assert run.n_bins == 256
+    x = next(run.train_batches().epoch(0))
+    assert float(x.max()) < 9 / 256 - 0.5  # every pixel below 9 lands in a bin of width 1/256
+    log_p = torch.zeros(1)
+    assert bits_per_dim(log_p, 64, run.n_bins).item() == pytest.approx(8.0)  # log2(256) at density 1
 
 
 @pytest.mark.parametrize("case, words", [
