@@ -74,6 +74,9 @@ class TrainConfig:
     warmup_steps: int = 100  # linear lr warm-up, counted per optimiser
     grad_clip: float = 50.0  # max gradient norm; 0 disables clipping
     alternate_every: int = 1  # alternate: steps per turn; 0 means one epoch per turn
+    # pipeline and alternate: part k+1 trains on the output of an exponential moving average of part k's
+    # weights with this decay (e.g. 0.999); 0: on part k's own output (see pipeflow.feed)
+    feed_ema: float = 0.0
     steps_per_epoch: int = 0  # cap on steps per epoch (0: the whole training set)
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
@@ -238,6 +241,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"train.part_lrs = {t.part_lrs} must all be positive")
     if t.part_lrs and len(t.part_lrs) != p.count:
         raise UserError(f"train.part_lrs has {len(t.part_lrs)} entries for parts.count = {p.count}")
+    if not 0 <= t.feed_ema < 1:
+        raise UserError(f"train.feed_ema = {t.feed_ema} must be in [0, 1) (0: off)")
+    if t.feed_ema and t.schedule not in ("pipeline", "alternate"):
+        raise UserError(f"train.feed_ema applies to the pipeline and alternate schedules, not {t.schedule!r}")
     if not cfg.distributed.timeout_s > 0:
         raise UserError(f"distributed.timeout_s = {cfg.distributed.timeout_s} must be positive")
     if p.count > m.levels * m.steps:

@@ -32,18 +32,23 @@ def train_step(trainers: Sequence[PartTrainer], active: Sequence[int], h: torch.
                carry: torch.Tensor | None = None) -> tuple[PartOutput | None, list[tuple[int, float, float]]]:
     """One step of a chain of parts: train the ``active`` ones, run the others before them forward only.
 
-    Returns the last output computed and ``(part, loss, mean prefix bits/dim)`` per trained part
+    A part with an averaged feed (``train.feed_ema``, :mod:`pipeflow.feed`) hands on its average's
+    output instead of its own. Returns the last output handed on and ``(part, loss, mean prefix
+    bits/dim)`` per trained part
     (``part`` counts in the chain). Parts after the last active one are not run at all.
     """
     if carry is None and isinstance(h, torch.Tensor):
         carry = torch.zeros(len(h), device=h.device)
     results, out = [], None
     for k in range(max(active) + 1):
+        feed = getattr(trainers[k], "feed", None)  # train.feed_ema: the next part trains on averaged weights
         if k in active:
             out, loss, bpd = trainers[k].train_step(h, carry)
             results.append((k, loss, bpd))
+            if feed is not None and (k < max(active) or k == len(trainers) - 1):  # its output is used (or sent)
+                out = feed.forward(h, carry)
         else:
-            out = trainers[k].forward(h, carry)
+            out = (feed or trainers[k]).forward(h, carry)
         h, carry = out.h, out.carry
     return out, results
 

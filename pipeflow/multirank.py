@@ -40,6 +40,7 @@ from pipeflow.distributed.transport import Counters, Inbox, Links, Message, Outb
 from pipeflow.errors import UserError
 from pipeflow.evaluate import evaluate
 from pipeflow.faults import StreamFilter
+from pipeflow.feed import attach_feeds
 from pipeflow.glow.model import is_initialized
 from pipeflow.loop import Chain, DataStream, Hooks, Tally, inbox_stream, run_loop
 from pipeflow.objective import part_objective
@@ -287,6 +288,8 @@ def _stage_trainer(rr: RankRun, links: Links):
             broadcast_tensors(part.state_dict().values(), src=topo.stage_ranks(topo.stage)[0], group=group)
     trainer = PartTrainer(part, rr.run.part_lr(topo.stage), cfg.train, rr.run.num_dims, rr.run.n_bins,
                           grad_hook=grad_hook, name=f"part {topo.stage} (rank {topo.rank})", agree=stage_agree)
+    if not topo.is_last:
+        attach_feeds([trainer], cfg.train.feed_ema)  # stage k sends its averaged weights' output
     return part, trainer, grad_hook
 
 

@@ -54,6 +54,7 @@ class PartTrainer:
         self.warm = False  # True once it carries on from other optimisers' moments: no warm-up then
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.bad_in_a_row = 0
+        self.feed = None  # an EmaFeed (train.feed_ema) where the next part trains on averaged weights' output
 
     def lr(self) -> float:
         """Linear warm-up to the base rate (early NaNs in Glow are cured by warm-up)."""
@@ -126,6 +127,8 @@ class PartTrainer:
             group["lr"] = self.lr()
         self.optimizer.step()
         self.steps += 1
+        if self.feed is not None:
+            self.feed.update()
         return self._detached(out), loss_value, bpd
 
     @torch.no_grad()
@@ -139,7 +142,8 @@ class PartTrainer:
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "steps": self.steps, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row, "warm": self.warm}
+                "steps": self.steps, "skipped": self.skipped, "bad_in_a_row": self.bad_in_a_row, "warm": self.warm,
+                "feed": self.feed.state_dict() if self.feed is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         if self.optimizer is not None and state["optimizer"] is not None:
@@ -147,3 +151,5 @@ class PartTrainer:
         self.steps, self.skipped = state["steps"], state["skipped"]
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
         self.warm = state.get("warm", False)
+        if self.feed is not None and state.get("feed") is not None:
+            self.feed.load_state_dict(state["feed"])

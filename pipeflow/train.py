@@ -29,6 +29,7 @@ from pipeflow.checkpoint import CheckpointStore, save_model
 from pipeflow.config import Config
 from pipeflow.errors import UserError
 from pipeflow.evaluate import evaluate
+from pipeflow.feed import attach_feeds
 from pipeflow.loop import Chain, DataStream, Hooks, run_loop, train_step  # noqa: F401 (train_step: the API)
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
 from pipeflow.parts import whole_model_part
@@ -57,6 +58,7 @@ def make_phases(run: Run) -> list[Phase]:
         return [Phase("e2e", t.by_parts_epochs + t.finetune_epochs, "e2e", [trainer(run.parts[0], t.lr)])]
     by_parts = Phase("by_parts", t.by_parts_epochs, t.schedule,
                      [trainer(p, run.part_lr(k)) for k, p in enumerate(run.parts)])
+    attach_feeds(by_parts.trainers[:-1], t.feed_ema)  # every part that feeds another
     whole = trainer(whole_model_part(run.model), t.finetune_lr or t.lr)
     finetune = Phase("finetune", t.finetune_epochs, "e2e", [whole])
     return [by_parts, finetune]

@@ -52,6 +52,17 @@ def test_pipeline_ranks_equal_single_device_pipeline(tmp_path, parts):
     assert all(0 < r["busy_fraction"] <= 1 for r in run["ranks"])
 
 
+def test_averaged_feed_and_a_learned_boundary_prior_on_ranks_equal_one_device(tmp_path):
+    """train.feed_ema: stage 1 sends the output of its averaged weights, as one device hands it on."""
+    config = multirank_config(tmp_path, parts=2, **{"train.feed_ema": 0.9, "parts.boundary_prior": "conditional"})
+    ok(torchrun(2, config, tmp_path / "dist"))
+    single = single_device(config, tmp_path / "single")
+    plain = single_device(config, tmp_path / "plain", "--set", "train.feed_ema=0.0")
+    assert max_difference(tmp_path / "dist", tmp_path / "single") <= 1e-6
+    assert summary(tmp_path / "dist")["test_bpd"] == pytest.approx(single["test_bpd"], abs=1e-5)
+    assert plain["test_bpd"] != pytest.approx(single["test_bpd"], abs=1e-5)  # the feed changed what part 2 learnt
+
+
 def test_forward_bytes_are_one_latent_per_image(tmp_path):
     config = multirank_config(tmp_path, parts=2)
     ok(torchrun(2, config, tmp_path / "dist"))

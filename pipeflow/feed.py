@@ -1,0 +1,71 @@
+"""Feeding the next part from an average of this part's weights (``train.feed_ema``).
+
+Trained beside a moving part k, part k+1 chases an input distribution that shifts with every
+update of part k (input drift): in the ``pipeline`` and ``alternate`` schedules it ends far
+further from end to end than when part k is frozen (``sequential``). An exponential moving
+average of part k's weights moves slowly and smoothly, so part k+1 trains on the output of that
+average instead:
+
+    theta_ema <- d theta_ema + (1 - d) theta,     d = min(decay, (1 + n) / (10 + n))
+
+after part k's n-th update (the ramp keeps the early average from lagging behind the first,
+fast-moving updates). Part k itself still trains on, and is evaluated and glued with, its own
+weights: the average only decides what is handed on. Until part k's first update, the part's
+own output is handed on.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from pipeflow.objective import PartLikelihood, PartOutput, part_objective
+
+
+class EmaFeed:
+    """An averaged copy of a part (its layers and prior), whose output the next part trains on."""
+
+    def __init__(self, part: nn.Module, decay: float, num_dims: int, n_bins: int):
+        self.part, self.decay = part, decay
+        self.num_dims, self.n_bins = num_dims, n_bins
+        self.average: nn.Module | None = None  # copied at the first update, once every ActNorm has seen data
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the part's current weights (call after each of its updates)."""
+        if self.average is None:
+            self.average = copy.deepcopy(self.part).requires_grad_(False)
+        else:
+            d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+            for avg, p in zip(self.average.parameters(), self.part.parameters(), strict=True):
+                avg.lerp_(p.detach(), 1.0 - d)
+            for avg, b in zip(self.average.buffers(), self.part.buffers(), strict=True):
+                avg.copy_(b)
+        self.updates += 1
+
+    @torch.no_grad()
+    def forward(self, h: torch.Tensor, carry: torch.Tensor) -> PartOutput:
+        """The averaged part's output (the prefix carry and bits/dim are those of the averaged prefix)."""
+        if self.average is None:
+            return part_objective(PartLikelihood(self.part), h, carry, self.num_dims, self.n_bins)
+        return part_objective(PartLikelihood(self.average), h, carry, self.num_dims, self.n_bins)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "average": None if self.average is None else self.average.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]
+        self.average = None
+        if state["average"] is not None:
+            self.average = copy.deepcopy(self.part).requires_grad_(False)
+            self.average.load_state_dict(state["average"])
+
+
+def attach_feeds(trainers, decay: float) -> None:
+    """Give every trainer in ``trainers`` (parts whose output feeds another) an averaged feed; 0: none."""
+    if decay > 0:
+        for trainer in trainers:
+            trainer.feed = EmaFeed(trainer.part, decay, trainer.num_dims, trainer.n_bins)
