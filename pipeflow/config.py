@@ -66,6 +66,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     lr: float = 1e-3
     part_lrs: list[float] = field(default_factory=list)  # one per part; empty: lr for every part
+    # > 0: find each part's rate before training by a range test over this many batches (pipeflow.lr_find)
+    find_lr_steps: int = 0
     finetune_lr: float = 0.0  # 0: lr
     # carry: fine-tuning continues the parts' optimiser moments, with no second warm-up;
     # fresh: a new optimiser, warmed up again from zero
@@ -146,7 +148,7 @@ MINIMUM = {
     ("train", "eval_batch_size"): 1, ("train", "warmup_steps"): 0, ("train", "grad_clip"): 0,
     ("train", "alternate_every"): 0, ("train", "steps_per_epoch"): 0, ("train", "threads"): 0,
     ("train", "log_every"): 1, ("train", "samples"): 0, ("train", "max_bad_steps"): 1,
-    ("train", "finetune_lr"): 0,
+    ("train", "finetune_lr"): 0, ("train", "find_lr_steps"): 0,
     ("distributed", "in_flight"): 1, ("distributed", "microbatches"): 1,
     ("checkpoint", "every_steps"): 0, ("checkpoint", "keep"): 1,
 }
@@ -241,6 +243,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"train.part_lrs = {t.part_lrs} must all be positive")
     if t.part_lrs and len(t.part_lrs) != p.count:
         raise UserError(f"train.part_lrs has {len(t.part_lrs)} entries for parts.count = {p.count}")
+    if t.find_lr_steps and (t.part_lrs or t.schedule == "e2e"):
+        raise UserError("train.find_lr_steps finds the rates of the parts: it goes without train.part_lrs and "
+                        "without schedule 'e2e'")
     if not 0 <= t.feed_ema < 1:
         raise UserError(f"train.feed_ema = {t.feed_ema} must be in [0, 1) (0: off)")
     if t.feed_ema and t.schedule not in ("pipeline", "alternate"):

@@ -215,6 +215,9 @@ def agree_on_config(cfg: Config, ctx: RankContext, out: Path, force: bool, resum
                             "for data-parallel fine-tuning")
         if t.batch_size % topo.replicas:
             raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of the {topo.replicas} replicas")
+        if t.find_lr_steps:
+            raise UserError("train.find_lr_steps runs on one device only so far: find the rates with `pipeflow train` "
+                            "(its summary's part_lrs) and pass them here as train.part_lrs")
         return dataset_shape(cfg.data)
 
     shape = every_rank_agrees("checking the config", ctx.device, cfg.distributed.timeout_s, check)

@@ -30,6 +30,7 @@ from pipeflow.config import Config
 from pipeflow.errors import UserError
 from pipeflow.evaluate import evaluate
 from pipeflow.feed import attach_feeds
+from pipeflow.lr_find import find_part_lrs
 from pipeflow.loop import Chain, DataStream, Hooks, run_loop, train_step  # noqa: F401 (train_step: the API)
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
 from pipeflow.parts import whole_model_part
@@ -47,8 +48,8 @@ class Phase:
     trainers: list[PartTrainer]
 
 
-def make_phases(run: Run) -> list[Phase]:
-    """The phases of a one-device run, each with the trainers of its chain."""
+def make_phases(run: Run, part_lrs: list[float] | None = None) -> list[Phase]:
+    """The phases of a one-device run, each with the trainers of its chain (``part_lrs``: found rates)."""
     t = run.cfg.train
 
     def trainer(part, lr):
@@ -57,7 +58,7 @@ def make_phases(run: Run) -> list[Phase]:
     if t.schedule == "e2e":
         return [Phase("e2e", t.by_parts_epochs + t.finetune_epochs, "e2e", [trainer(run.parts[0], t.lr)])]
     by_parts = Phase("by_parts", t.by_parts_epochs, t.schedule,
-                     [trainer(p, run.part_lr(k)) for k, p in enumerate(run.parts)])
+                     [trainer(p, part_lrs[k] if part_lrs else run.part_lr(k)) for k, p in enumerate(run.parts)])
     attach_feeds(by_parts.trainers[:-1], t.feed_ema)  # every part that feeds another
     whole = trainer(whole_model_part(run.model), t.finetune_lr or t.lr)
     finetune = Phase("finetune", t.finetune_epochs, "e2e", [whole])
@@ -171,7 +172,8 @@ def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback |
     device = resolve_device(cfg.train.device)
     for module in (run.model, *run.parts):
         module.to(device)
-    phases = make_phases(run)
+    found = find_part_lrs(run, device, cfg.train.find_lr_steps) if cfg.train.find_lr_steps else []
+    phases = make_phases(run, [f["lr"] for f in found])
     store = CheckpointStore(out, 0, cfg.checkpoint.keep)
     blob = _resume_point(store, cfg) if resume else None
     state = RunState()
@@ -182,6 +184,8 @@ def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback |
     if resume:
         store.discard_after(state.step)
     log = RunLog(out, cfg, metrics_bytes=blob["metrics_bytes"] if blob else (0 if resume else None))
+    for record in found if blob is None else []:
+        log.log({"kind": "lr_find", **record})
     batches, tests = run.train_batches(), run.test_batches()
     stream = DataStream(lambda e, skip: batches.epoch(e, start=skip), lambda: tests.epoch(0), device, len(batches))
     init = None if blob else next(batches.epoch(0)).to(device)
@@ -208,6 +212,7 @@ def _finish(run: Run, phases: list[Phase], state: RunState, out: Path, log: RunL
     result = summary(state, run.cfg, phases, final_bpd, time.perf_counter() - wall_start, device,
                      cuts=[p.steps.start for p in run.parts[1:]], parts=len(run.parts),
                      skipped=sum(state.tally(ph.name).skipped for ph in phases),
+                     part_lrs=[tr.base_lr for tr in phases[0].trainers],
                      resumed_from=blob["step"] if blob else None)
     log.summary(result)
     return result
