@@ -61,6 +61,20 @@ def test_a_killed_pipelined_fine_tuning_resumes_to_the_uninterrupted_parameters(
     assert summary(tmp_path / "run")["test_bpd"] == summary(tmp_path / "reference")["test_bpd"]
 
 
+def test_two_replicas_of_a_pipelined_two_stage_flow(tmp_path):
+    """P x R = 2 x 2: each replica's stages fine-tune half of every batch and average their gradients
+    over the replicas, so the run ends where one device ends on whole batches, up to the order of
+    floating-point sums (as the replicated by-parts phase does)."""
+    config = pipelined_config(tmp_path, 2, **{"distributed.microbatches": 2, "train.grad_clip": 0.5})
+    ok(torchrun(4, config, tmp_path / "pipe"))
+    ok(pipeflow("train", "--config", config, "--out", tmp_path / "single", "--quiet"))
+    run = summary(tmp_path / "pipe")
+    assert run["replicas"] == 2 and run["comm"]["finetune_allreduce_bytes"] > 0
+    assert run["phases"]["finetune"]["images_per_process"] == 5 * 32 // 2
+    assert max_difference(tmp_path / "pipe", tmp_path / "single") < 1e-3
+    assert run["test_bpd"] == pytest.approx(summary(tmp_path / "single")["test_bpd"], abs=1e-3)
+
+
 def test_bytes_sent_are_one_latent_and_carry_per_image_each_way(tmp_path):
     config = pipelined_config(tmp_path, 2, **{"distributed.pipeline_schedule": "gpipe"})
     ok(torchrun(2, config, tmp_path / "pipe"))
