@@ -138,7 +138,7 @@ def eval_(checkpoint: Path = typer.Option(..., "--checkpoint", help="A model.pt 
     from pipeflow.checkpoint import load_model  # noqa: PLC0415
     from pipeflow.config import with_overrides  # noqa: PLC0415
     from pipeflow.data import load_dataset, n_bins, test_batches  # noqa: PLC0415
-    from pipeflow.evaluate import evaluate  # noqa: PLC0415
+    from pipeflow.loop import evaluate  # noqa: PLC0415
     from pipeflow.part_trainer import PartTrainer  # noqa: PLC0415
     from pipeflow.parts import whole_model_part  # noqa: PLC0415
     from pipeflow.build import resolve_device  # noqa: PLC0415

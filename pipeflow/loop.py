@@ -258,3 +258,15 @@ def inbox_stream(inbox: Inbox) -> Iterator[Message]:
         yield msg
         if msg.kind == STOP:
             return
+
+
+def evaluate(trainers: Sequence[PartTrainer], batches, device: torch.device) -> list[float]:
+    """Mean prefix bits/dim after each part over ``batches`` (the last: the whole model's test bits/dim).
+
+    The loop itself, over a stream of evaluation messages alone.
+    """
+    means: list[float] = []
+    stream = DataStream(lambda e, skip: (), lambda: batches.epoch(0), device, 1)._evaluation(0, 0)
+    hooks = Hooks(on_eval=lambda msg, m: means.extend(m))
+    run_loop(Chain(list(trainers)), stream, Tally(), hooks, "eval")
+    return means

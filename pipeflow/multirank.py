@@ -38,7 +38,7 @@ from pipeflow.distributed.collectives import (CollectiveWatch, agree, broadcast_
 from pipeflow.distributed.topology import Topology
 from pipeflow.distributed.transport import Counters, Inbox, Links, Message, Outbox, link_groups
 from pipeflow.errors import UserError
-from pipeflow.evaluate import evaluate
+from pipeflow.loop import evaluate
 from pipeflow.faults import StreamFilter
 from pipeflow.glow.model import is_initialized
 from pipeflow.loop import Chain, DataStream, Hooks, Tally, inbox_stream, run_loop

@@ -109,8 +109,13 @@ class PartTrainer:
         finite = bool(finite)
         if self.agree is not None:
             finite = self.agree(finite)
+        self.apply(finite)
+        return self._detached(out), loss_value, bpd
+
+    def apply(self, finite: bool) -> None:
+        """Update from the gradients now held, or skip a non-finite step (which then changes nothing:
+        no update, no optimiser state, no warm-up progress); too many in a row stop the run."""
         if not finite:
-            # a skipped step changes nothing: no update, no optimiser state, no warm-up progress
             self.skipped += 1
             self.bad_in_a_row += 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -120,13 +125,12 @@ class PartTrainer:
                     f"{self.name}: {self.bad_in_a_row} non-finite losses in a row (train.max_bad_steps); "
                     "lower train.lr or raise train.warmup_steps"
                 )
-            return self._detached(out), loss_value, bpd
+            return
         self.bad_in_a_row = 0
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr()
         self.optimizer.step()
         self.steps += 1
-        return self._detached(out), loss_value, bpd
 
     @torch.no_grad()
     def forward(self, h: torch.Tensor, carry: torch.Tensor) -> PartOutput:

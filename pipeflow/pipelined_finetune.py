@@ -33,11 +33,11 @@ from pipeflow.distributed.collectives import broadcast_object, gather_to_rank0, 
 from pipeflow.distributed.pipelined import PipelinedStage, forward_only, pipeline_groups
 from pipeflow.distributed.transport import link_groups
 from pipeflow.errors import UserError
-from pipeflow.glow.model import check_invertible, is_initialized
+from pipeflow.glow.model import is_initialized
 from pipeflow.loop import Chain, DataStream, Hooks, run_loop
 from pipeflow.objective import LN2, PartLikelihood, PartOutput, bits_per_dim
 from pipeflow.state import restore
-from pipeflow.part_trainer import PartTrainer, TrainingDiverged
+from pipeflow.part_trainer import PartTrainer
 
 if TYPE_CHECKING:
     from pipeflow.multirank import RankRun
@@ -89,24 +89,6 @@ def whole_flow_step(trainer: PartTrainer, loss: float | None, replicas: int,
     return finite, loss_sum
 
 
-def update(trainer: PartTrainer, finite: bool) -> None:
-    """The optimiser step of :meth:`PartTrainer.train_step`, after a pipelined forward and backward."""
-    if not finite:
-        trainer.skipped += 1
-        trainer.bad_in_a_row += 1
-        trainer.optimizer.zero_grad(set_to_none=True)
-        check_invertible(trainer.part, trainer.name)
-        if trainer.bad_in_a_row >= trainer.cfg.max_bad_steps:
-            raise TrainingDiverged(f"{trainer.name}: {trainer.bad_in_a_row} non-finite losses in a row "
-                                   "(train.max_bad_steps); lower train.lr or raise train.warmup_steps")
-        return
-    trainer.bad_in_a_row = 0
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = trainer.lr()
-    trainer.optimizer.step()
-    trainer.steps += 1
-
-
 def pipelined_step(trainer: PartTrainer, pipe: PipelinedStage, x: torch.Tensor | None, rows: int, average,
                    replicas: int, device: torch.device) -> float:
     """One fine-tuning step of this stage: forward and backward through the schedule, the replicas'
@@ -116,7 +98,7 @@ def pipelined_step(trainer: PartTrainer, pipe: PipelinedStage, x: torch.Tensor |
     if average is not None:  # (a learned boundary prior gets no gradient end to end, on any replica)
         average([p.grad for p in trainer.params if p.grad is not None])
     finite, loss = whole_flow_step(trainer, loss, replicas, device)
-    update(trainer, finite)
+    trainer.apply(finite)
     return loss
 
 

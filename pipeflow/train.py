@@ -28,8 +28,7 @@ from pipeflow.build import Run, build_run, resolve_device
 from pipeflow.checkpoint import CheckpointStore, save_model
 from pipeflow.config import Config
 from pipeflow.errors import UserError
-from pipeflow.evaluate import evaluate
-from pipeflow.loop import Chain, DataStream, Hooks, run_loop, train_step  # noqa: F401 (train_step: the API)
+from pipeflow.loop import Chain, DataStream, Hooks, evaluate, run_loop
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
 from pipeflow.parts import whole_model_part
 from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
