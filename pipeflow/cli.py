@@ -94,37 +94,11 @@ def plan(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
          json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the plan as JSON.")):
     """Show how the model is cut: layers, shapes, parameters and FLOP share of each part, per scheme."""
     from pipeflow.data import dataset_shape  # noqa: PLC0415
-    from pipeflow.tools.plan import describe_parts, predicted_ratios, scheme_parts  # noqa: PLC0415
     from pipeflow.build import build_model  # noqa: PLC0415
-    from pipeflow.config import AUTOMATIC_SCHEMES  # noqa: PLC0415
+    from pipeflow.tools.plan import render_plan  # noqa: PLC0415
 
     cfg = _config(config, set_)
-    model = build_model(cfg, dataset_shape(cfg.data))
-    out = make_console()
-    report = {}
-    schemes = [cfg.parts.scheme] + [s for s in AUTOMATIC_SCHEMES if s != cfg.parts.scheme]
-    for scheme in schemes:
-        try:
-            parts = scheme_parts(cfg, model, scheme, cfg.parts.count)
-        except UserError as exc:
-            if scheme == cfg.parts.scheme:
-                raise
-            out.print(f"[dim]{scheme}: {exc}[/dim]")
-            continue
-        rows = describe_parts(model, parts)
-        ratios = predicted_ratios(cfg, model, parts)
-        title = f"{scheme}{' (configured)' if scheme == cfg.parts.scheme else ''}: {cfg.parts.count} parts"
-        table = Table(title=title)
-        for col in ("part", "flow steps", "layers", "shape in", "shape out", "params", "GFLOP/img (fwd)", "share"):
-            table.add_column(col, justify="right")
-        for r in rows:
-            table.add_row(str(r.index), f"{r.steps[0]}-{r.steps[1]}", str(r.layers), "x".join(map(str, r.in_shape)),
-                          "x".join(map(str, r.out_shape)), f"{r.params:,}", f"{r.flops / 1e9:.3f}", f"{r.share:.1%}")
-        table.caption = (f"alternate step / e2e step = {ratios['alternate_step']:.3f};  "
-                         f"{cfg.train.by_parts_epochs} by parts + {cfg.train.finetune_epochs} e2e epochs / "
-                         f"{cfg.train.by_parts_epochs + cfg.train.finetune_epochs} e2e epochs = {ratios['plan']:.3f}")
-        out.print(table)
-        report[scheme] = {"parts": [r.__dict__ for r in rows], **ratios}
+    report = render_plan(cfg, build_model(cfg, dataset_shape(cfg.data)), make_console())
     if json_out:
         json_out.write_text(json.dumps(report, indent=2, default=list))
 
