@@ -583,7 +583,8 @@ def _add_compile_figures(r: dict, eager: dict | None) -> None:
     r["compile_seconds"] = r["warmup_extra_seconds"] - (eager["warmup_extra_seconds"] if eager else 0.0)
     r["speedup_over_eager"] = eager["step_seconds"] / r["step_seconds"] if eager else None
     saved = eager["step_seconds"] - r["step_seconds"] if eager else 0.0
-    r["amortised_after_steps"] = r["compile_seconds"] / saved if saved > 0 else None
+    # a warm inductor cache (a second run of the same model) compiles in about no time: nothing to repay
+    r["amortised_after_steps"] = max(r["compile_seconds"], 0.0) / saved if saved > 0 else None
 
 
 def _compile_targets(runs: list[dict], e2e: dict | None) -> list[dict]:
