@@ -230,6 +230,8 @@ def bench(
     only: Optional[str] = typer.Option(
         None, "--only", help="Comma-separated subset of runs: e2e, e2e-threads, alternate, pipeline-1dev, ddp, "
         "pipeline, gpipe, 1f1b (end to end, one part per rank, distributed.microbatches)."),
+    compile_: bool = typer.Option(False, "--compile", help="Also run each of them with train.compile, beside its "
+                                  "eager row (compilation timed apart from the steps)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure to this JSON file."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the tables as Markdown."),
     keep: Optional[Path] = typer.Option(None, "--keep",
@@ -252,7 +254,7 @@ def bench(
     opts = BenchOptions(parts=parts, steps=steps, warmup=warmup, batch=batch, threads=threads,
                         bandwidths=list(bandwidth) if bandwidth else [0.0], schemes=parse_schemes(scheme),
                         measure_costs=measure_costs, cost_repeats=cost_repeats, modes=parse_modes(only),
-                        timeout_s=timeout, keep=keep)
+                        timeout_s=timeout, keep=keep, compile=compile_)
     command = "pipeflow " + shlex.join(sys.argv[1:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
     report = run_bench(cfg, opts, log=None if quiet else log, command=command)
     render(report, make_console(min_width=160))

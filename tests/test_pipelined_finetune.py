@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from support import MULTIRANK, comparable_metrics, max_difference, metrics, ok, pipeflow, summary, torchrun, write_config
+from support import (MULTIRANK, comparable_metrics, max_difference, metrics, ok, pipeflow, summary, torchrun,
+                     write_config)
 
 
 def pipelined_config(tmp_path: Path, parts: int, **more) -> Path:
