@@ -94,37 +94,11 @@ def plan(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
          json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the plan as JSON.")):
     """Show how the model is cut: layers, shapes, parameters and FLOP share of each part, per scheme."""
     from pipeflow.data import dataset_shape  # noqa: PLC0415
-    from pipeflow.tools.plan import describe_parts, predicted_ratios, scheme_parts  # noqa: PLC0415
     from pipeflow.build import build_model  # noqa: PLC0415
-    from pipeflow.config import AUTOMATIC_SCHEMES  # noqa: PLC0415
+    from pipeflow.tools.plan import render_plan  # noqa: PLC0415
 
     cfg = _config(config, set_)
-    model = build_model(cfg, dataset_shape(cfg.data))
-    out = make_console()
-    report = {}
-    schemes = [cfg.parts.scheme] + [s for s in AUTOMATIC_SCHEMES if s != cfg.parts.scheme]
-    for scheme in schemes:
-        try:
-            parts = scheme_parts(cfg, model, scheme, cfg.parts.count)
-        except UserError as exc:
-            if scheme == cfg.parts.scheme:
-                raise
-            out.print(f"[dim]{scheme}: {exc}[/dim]")
-            continue
-        rows = describe_parts(model, parts)
-        ratios = predicted_ratios(cfg, model, parts)
-        title = f"{scheme}{' (configured)' if scheme == cfg.parts.scheme else ''}: {cfg.parts.count} parts"
-        table = Table(title=title)
-        for col in ("part", "flow steps", "layers", "shape in", "shape out", "params", "GFLOP/img (fwd)", "share"):
-            table.add_column(col, justify="right")
-        for r in rows:
-            table.add_row(str(r.index), f"{r.steps[0]}-{r.steps[1]}", str(r.layers), "x".join(map(str, r.in_shape)),
-                          "x".join(map(str, r.out_shape)), f"{r.params:,}", f"{r.flops / 1e9:.3f}", f"{r.share:.1%}")
-        table.caption = (f"alternate step / e2e step = {ratios['alternate_step']:.3f};  "
-                         f"{cfg.train.by_parts_epochs} by parts + {cfg.train.finetune_epochs} e2e epochs / "
-                         f"{cfg.train.by_parts_epochs + cfg.train.finetune_epochs} e2e epochs = {ratios['plan']:.3f}")
-        out.print(table)
-        report[scheme] = {"parts": [r.__dict__ for r in rows], **ratios}
+    report = render_plan(cfg, build_model(cfg, dataset_shape(cfg.data)), make_console())
     if json_out:
         json_out.write_text(json.dumps(report, indent=2, default=list))
 
@@ -138,7 +112,7 @@ def eval_(checkpoint: Path = typer.Option(..., "--checkpoint", help="A model.pt 
     from pipeflow.checkpoint import load_model  # noqa: PLC0415
     from pipeflow.config import with_overrides  # noqa: PLC0415
     from pipeflow.data import load_dataset, n_bins, test_batches  # noqa: PLC0415
-    from pipeflow.evaluate import evaluate  # noqa: PLC0415
+    from pipeflow.loop import evaluate  # noqa: PLC0415
     from pipeflow.part_trainer import PartTrainer  # noqa: PLC0415
     from pipeflow.parts import whole_model_part  # noqa: PLC0415
     from pipeflow.build import resolve_device  # noqa: PLC0415
@@ -256,6 +230,8 @@ def bench(
     only: Optional[str] = typer.Option(
         None, "--only", help="Comma-separated subset of runs: e2e, e2e-threads, alternate, pipeline-1dev, ddp, "
         "pipeline, gpipe, 1f1b (end to end, one part per rank, distributed.microbatches)."),
+    compile_: bool = typer.Option(False, "--compile", help="Also run each of them with train.compile, beside its "
+                                  "eager row (compilation timed apart from the steps)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure to this JSON file."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the tables as Markdown."),
     keep: Optional[Path] = typer.Option(None, "--keep",
@@ -278,7 +254,7 @@ def bench(
     opts = BenchOptions(parts=parts, steps=steps, warmup=warmup, batch=batch, threads=threads,
                         bandwidths=list(bandwidth) if bandwidth else [0.0], schemes=parse_schemes(scheme),
                         measure_costs=measure_costs, cost_repeats=cost_repeats, modes=parse_modes(only),
-                        timeout_s=timeout, keep=keep)
+                        timeout_s=timeout, keep=keep, compile=compile_)
     command = "pipeflow " + shlex.join(sys.argv[1:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
     report = run_bench(cfg, opts, log=None if quiet else log, command=command)
     render(report, make_console(min_width=160))

@@ -86,6 +86,7 @@ class TrainConfig:
     samples: int = 64  # sample grid size
     temperature: float = 0.7
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+    compile: bool = False  # torch.compile each part's training step (forward + objective); minutes on a CPU
 
 
 @dataclass

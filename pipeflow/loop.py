@@ -34,8 +34,8 @@ def train_step(trainers: Sequence[PartTrainer], active: Sequence[int], h: torch.
 
     A part with an averaged feed (``train.feed_ema``, :mod:`pipeflow.feed`) hands on its average's
     output instead of its own. Returns the last output handed on and ``(part, loss, mean prefix
-    bits/dim)`` per trained part
-    (``part`` counts in the chain). Parts after the last active one are not run at all.
+    bits/dim)`` per trained part (``part`` counts in the chain). Parts after the last active one
+    are not run at all.
     """
     if carry is None and isinstance(h, torch.Tensor):
         carry = torch.zeros(len(h), device=h.device)
@@ -263,3 +263,15 @@ def inbox_stream(inbox: Inbox) -> Iterator[Message]:
         yield msg
         if msg.kind == STOP:
             return
+
+
+def evaluate(trainers: Sequence[PartTrainer], batches, device: torch.device) -> list[float]:
+    """Mean prefix bits/dim after each part over ``batches`` (the last: the whole model's test bits/dim).
+
+    The loop itself, over a stream of evaluation messages alone.
+    """
+    means: list[float] = []
+    stream = DataStream(lambda e, skip: (), lambda: batches.epoch(0), device, 1)._evaluation(0, 0)
+    hooks = Hooks(on_eval=lambda msg, m: means.extend(m))
+    run_loop(Chain(list(trainers)), stream, Tally(), hooks, "eval")
+    return means

@@ -38,17 +38,17 @@ from pipeflow.distributed.collectives import (CollectiveWatch, agree, broadcast_
 from pipeflow.distributed.topology import Topology
 from pipeflow.distributed.transport import Counters, Inbox, Links, Message, Outbox, link_groups
 from pipeflow.errors import UserError
-from pipeflow.evaluate import evaluate
 from pipeflow.faults import StreamFilter
 from pipeflow.feed import attach_feeds
 from pipeflow.glow.model import is_initialized
-from pipeflow.loop import Chain, DataStream, Hooks, Tally, inbox_stream, run_loop
+from pipeflow.loop import Chain, DataStream, Hooks, Tally, evaluate, inbox_stream, run_loop
 from pipeflow.objective import part_objective
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
 from pipeflow.parts import whole_model_part
 from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
-from pipeflow.state import Checkpointer, RunState, newest_entry_check, restore, summary
-from pipeflow.train import Phase, diverged_hint, is_checkpoint_step
+from pipeflow.state import (Checkpointer, RunState, checkpointing, evaluated, is_checkpoint_step, newest_entry_check,
+                            restore, summary)
+from pipeflow.train import Phase, diverged_hint
 
 FINETUNE_PHASES = ("finetune", "e2e")
 T = TypeVar("T")
@@ -151,6 +151,9 @@ def pipeline_skew(topo: Topology, in_flight: int) -> int:
 def check_keep(cfg: Config, topo: Topology, steps_per_epoch: int) -> None:
     """Refuse a ``checkpoint.keep`` too small for the newest common step to stay on every rank's disk."""
     t, c = cfg.train, cfg.checkpoint
+    if cfg.distributed.finetune == "pipeline" and topo.stages > 1 and t.finetune_epochs and c.keep < 2:
+        # each rank saves its own fine-tuning steps: one that dies mid-save leaves the others a step ahead
+        raise UserError(f"checkpoint.keep = {c.keep} is too few for pipelined fine-tuning: set it to 2 or more")
     if topo.stages < 2 or not t.by_parts_epochs:
         return
     skew = pipeline_skew(topo, cfg.distributed.in_flight)
@@ -181,6 +184,9 @@ def plan_resume(manifests: list[list[dict]], topo: Topology,
     finetune = _common_steps(manifests if finetune_per_rank else manifests[:1], FINETUNE_PHASES)
     if finetune:
         return "finetune", max(finetune)
+    if finetune_per_rank and any(e["phase"] in FINETUNE_PHASES for entries in manifests for e in entries):
+        raise UserError("no fine-tuning step is saved by every rank; raise checkpoint.keep (2 or more), "
+                        "or pass --force to start afresh")
     by_parts = [{e["step"] for e in entries if e["phase"] == "by_parts"} for entries in manifests]
     if not all(by_parts):
         return None  # some rank never saved a step: nothing is common, start afresh
@@ -218,6 +224,10 @@ def agree_on_config(cfg: Config, ctx: RankContext, out: Path, force: bool, resum
         if t.find_lr_steps:
             raise UserError("train.find_lr_steps runs on one device only so far: find the rates with `pipeflow train` "
                             "(its summary's part_lrs) and pass them here as train.part_lrs")
+        pieces = topo.replicas * cfg.distributed.microbatches
+        if cfg.distributed.finetune == "pipeline" and topo.stages > 1 and t.finetune_epochs and t.batch_size % pieces:
+            raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of distributed.microbatches "
+                            f"({cfg.distributed.microbatches}) x {topo.replicas} replicas for pipelined fine-tuning")
         return dataset_shape(cfg.data)
 
     shape = every_rank_agrees("checking the config", ctx.device, cfg.distributed.timeout_s, check)
@@ -317,7 +327,8 @@ def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer
         links = link_groups(topo, rr.timeout)  # every rank, the same order, on this (the main) thread
     part, trainer, grad_hook = _stage_trainer(rr, links)
     if rr.blob is not None:
-        rr.state = state = restore(rr.blob, [part], [trainer], rr.device)
+        rr.state = state = every_rank_agrees("restoring the checkpoints", rr, rr.timeout,
+                                             lambda: restore(rr.blob, [part], [trainer], rr.device))
         rr.counters = Counters(**rr.blob["counters"])
         if grad_hook is not None:
             grad_hook.bytes = state.comm.get("stage_allreduce_bytes", 0)
@@ -346,14 +357,14 @@ def _stage_hooks(rr: RankRun, part, trainer, grad_hook, outbox, tally: Tally, on
     topo, state = rr.topo, rr.state
     saver = rr.saver()
 
-    def stepped(msg: Message) -> None:
-        state.step = msg.step
-        if is_checkpoint_step(msg.step, rr.steps_per_epoch, rr.cfg.checkpoint.every_steps):
-            state.comm["stage_allreduce_bytes"] = grad_hook.bytes if grad_hook else 0
-            sent = asdict(rr.counters)
-            if outbox is not None:  # a queued message counts: the resumed run starts after it
-                sent.update(forward_bytes=outbox.queued_bytes, forward_messages=outbox.queued_messages)
-            saver.save(state, [part], [trainer], counters=sent)
+    def owned():
+        state.comm["stage_allreduce_bytes"] = grad_hook.bytes if grad_hook else 0
+        sent = asdict(rr.counters)
+        if outbox is not None:  # a queued message counts: the resumed run starts after it
+            sent.update(forward_bytes=outbox.queued_bytes, forward_messages=outbox.queued_messages)
+        return [part], [trainer], sent
+
+    stepped = checkpointing(state, saver, rr.steps_per_epoch, rr.cfg.checkpoint.every_steps, owned)
 
     def evaluated(msg: Message, means: list[float]) -> None:
         record = {"epoch": msg.epoch + 1, "step": msg.step, "prefix_bpd": means[-1],
@@ -421,7 +432,7 @@ def _take_reports(rr: RankRun, reports: list[dict], gather_bytes: int) -> None:
     tally = state.tally("by_parts")
     tally.seconds = max(r["tally"]["seconds"] for r in reports)
     tally.test_bpd = reports[stages - 1]["tally"]["test_bpd"]
-    tally.skipped = sum(r["tally"]["skipped"] for r in reports)
+    tally.skipped = sum(r["tally"]["skipped"] for r in reports if r["replica"] == 0)  # replicas skip together
     state.train_seconds = tally.seconds
     state.ranks = [_rank_summary(r) for r in reports]
     state.comm = {"forward_bytes": sum(r["counters"]["forward_bytes"] for r in reports),
@@ -496,7 +507,11 @@ def finetune(rr: RankRun, phase: Phase) -> None:
             trainer.carry_on_from(rr.carried)
             rr.carried.clear()  # the trainer holds its own copies now
         if resumed:
-            rr.state = state = restore(rr.blob, [rr.run.model], [trainer], rr.device)
+            def restored():
+                return restore(rr.blob, [rr.run.model], [trainer], rr.device)
+
+            rr.state = state = every_rank_agrees("restoring the checkpoint", rr, rr.timeout, restored) if ddp \
+                else restored()
             if ddp:
                 _rebucket(trainer, rr.run, lambda x: _rows(x, topo.rank, topo.world), rr.device)
         state.phase = phase.name
@@ -515,35 +530,21 @@ def _finetune_loop(rr: RankRun, phase: Phase, trainer: PartTrainer, ddp: bool) -
     data = DataStream(lambda e, skip: (shard(x) for x in batches.epoch(e, start=skip)),
                       lambda: (cover(x) for x in tests.epoch(0)), rr.device, rr.steps_per_epoch)
     first_epoch = cfg.train.by_parts_epochs if topo.stages > 1 else 0
-    saver = rr.saver()
-
-    def stepped(msg: Message) -> None:
-        state.step = msg.step
-        if topo.rank == 0 and is_checkpoint_step(msg.step, rr.steps_per_epoch, cfg.checkpoint.every_steps):
-            saver.save(state, [rr.run.model], [trainer])
+    owned = (lambda: ([rr.run.model], [trainer], None)) if topo.rank == 0 else None  # the DDP replicas are equal
+    stepped = checkpointing(state, rr.saver(), rr.steps_per_epoch, cfg.checkpoint.every_steps, owned)
 
     def pool(sums: list[float], count: int) -> tuple[list[float], int]:
         pooled = sum_across([*sums, float(count)], rr.device)
         return pooled[:-1], int(pooled[-1])
 
-    hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=lambda msg, means: _evaluated(rr, phase, msg, means),
+    def on_eval(msg: Message, means: list[float]) -> None:
+        evaluated(state, rr.log, phase.name, msg.epoch, msg.step, means, rr.run.model, cfg)
+
+    hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=on_eval,
                   after_step=[stepped, *rr.ctx.step_hooks], pool=pool if ddp else None)
     chain = Chain([trainer], "e2e", phase.epochs, first_epoch, 0, first_epoch * rr.steps_per_epoch)
     run_loop(chain, data.phase(first_epoch, phase.epochs, state.step), state.tally(phase.name), hooks, phase.name,
              cfg.train.log_every, on_time=lambda s: setattr(state, "train_seconds", state.train_seconds + s))
-
-
-def _evaluated(rr: RankRun, phase: Phase, msg: Message, means: list[float]) -> None:
-    record = {"kind": "eval", "phase": phase.name, "epoch": msg.epoch + 1, "test_bpd": means[-1],
-              "test_prefix_bpd": means, "train_seconds": rr.state.train_seconds, "step": msg.step}
-    rr.state.history.append(record)
-    if rr.log is None:
-        return
-    rr.log.log({**record, "wall": time.time()})
-    t = rr.cfg.train
-    if t.samples:
-        grid = rr.run.model.sample(t.samples, t.temperature, torch.Generator().manual_seed(t.seed))
-        rr.log.samples(grid, f"{phase.name}_epoch{msg.epoch + 1:03d}")
 
 
 def finish(rr: RankRun, phases: list[Phase], wall_start: float) -> dict | None:

@@ -6,6 +6,7 @@ both run the same objective and the same update; only who calls ``train_step`` d
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -41,6 +42,9 @@ class PartTrainer:
         self.module = PartLikelihood(part)
         if wrap is not None:  # e.g. DistributedDataParallel for data-parallel training
             self.module = wrap(self.module)
+        # train.compile: the training step's forward and objective as one graph, from its second call on
+        self.compiled = torch.compile(partial(part_objective, self.module)) if cfg.compile else None
+        self.ran_eagerly = False
         self.params = [p for p in part.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg.optimizer, lr) if self.params else None
         self.base_lr, self.cfg = lr, cfg
@@ -89,7 +93,7 @@ class PartTrainer:
         Deciding whether to skip the update needs the loss on the host: that is the step's one
         host sync, and the two figures come back with it.
         """
-        out = part_objective(self.module, h, carry, self.num_dims, self.n_bins)
+        out = self._objective(h, carry)
         if self.optimizer is None:
             loss_value, bpd = torch.stack([out.loss.detach(), out.prefix_bpd.mean().to(out.loss.dtype)]).tolist()
             return self._detached(out), loss_value, bpd
@@ -110,8 +114,13 @@ class PartTrainer:
         finite = bool(finite)
         if self.agree is not None:
             finite = self.agree(finite)
+        self.apply(finite)
+        return self._detached(out), loss_value, bpd
+
+    def apply(self, finite: bool) -> None:
+        """Update from the gradients now held, or skip a non-finite step (which then changes nothing:
+        no update, no optimiser state, no warm-up progress); too many in a row stop the run."""
         if not finite:
-            # a skipped step changes nothing: no update, no optimiser state, no warm-up progress
             self.skipped += 1
             self.bad_in_a_row += 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -121,19 +130,31 @@ class PartTrainer:
                     f"{self.name}: {self.bad_in_a_row} non-finite losses in a row (train.max_bad_steps); "
                     "lower train.lr or raise train.warmup_steps"
                 )
-            return self._detached(out), loss_value, bpd
+            return
         self.bad_in_a_row = 0
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr()
         self.optimizer.step()
         self.steps += 1
-        if self.feed is not None:
+        if self.feed is not None:  # the moving average a later part is fed from
             self.feed.update()
-        return self._detached(out), loss_value, bpd
+
+    def _objective(self, h: torch.Tensor, carry: torch.Tensor) -> PartOutput:
+        """The part's objective with a graph: compiled (train.compile) once the part has run eagerly.
+
+        The first pass initialises the ActNorms from the data and, afterwards, each one knows it
+        is initialised without reading its buffer: run eagerly, it leaves the compiled graph with
+        no data-dependent branch to break on (and no recompilation when the flag flips).
+        """
+        if self.compiled is not None and self.ran_eagerly:
+            return self.compiled(h, carry, self.num_dims, self.n_bins)
+        self.ran_eagerly = True
+        return part_objective(self.module, h, carry, self.num_dims, self.n_bins)
 
     @torch.no_grad()
     def forward(self, h: torch.Tensor, carry: torch.Tensor) -> PartOutput:
-        """Forward only, no graph: for parts that merely feed a later one."""
+        """Forward only, no graph: for parts that merely feed a later one, and evaluation (always eager)."""
+        self.ran_eagerly = True
         return part_objective(self.module, h, carry, self.num_dims, self.n_bins)
 
     @staticmethod

@@ -21,7 +21,6 @@ At the end the parts are gathered on rank 0 (on the host) for ``model.pt``; that
 from __future__ import annotations
 
 import math
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,12 +31,11 @@ from pipeflow.data import load_dataset
 from pipeflow.distributed.collectives import broadcast_object, gather_to_rank0, gradient_averager
 from pipeflow.distributed.pipelined import PipelinedStage, forward_only, pipeline_groups
 from pipeflow.distributed.transport import link_groups
-from pipeflow.errors import UserError
-from pipeflow.glow.model import check_invertible, is_initialized
+from pipeflow.glow.model import is_initialized
 from pipeflow.loop import Chain, DataStream, Hooks, run_loop
 from pipeflow.objective import LN2, PartLikelihood, PartOutput, bits_per_dim
-from pipeflow.state import restore
-from pipeflow.part_trainer import PartTrainer, TrainingDiverged
+from pipeflow.state import RunState, checkpointing, evaluated, restore
+from pipeflow.part_trainer import PartTrainer
 
 if TYPE_CHECKING:
     from pipeflow.multirank import RankRun
@@ -55,14 +53,6 @@ class StageLikelihood(nn.Module):
         h_out, own_terms, log_prior = self.likelihood(h)
         carry = own_terms if carry is None else carry + own_terms
         return carry + log_prior if self.last else (h_out, carry)
-
-
-def check_pipelined(rr: "RankRun") -> None:
-    """Refuse what this phase cannot do, with one line: uneven microbatches, a resume inside it."""
-    t, d, topo = rr.cfg.train, rr.cfg.distributed, rr.topo
-    if t.batch_size % (topo.replicas * d.microbatches):
-        raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of distributed.microbatches "
-                        f"({d.microbatches}) x {topo.replicas} replicas for pipelined fine-tuning")
 
 
 def whole_flow_step(trainer: PartTrainer, loss: float | None, replicas: int,
@@ -89,24 +79,6 @@ def whole_flow_step(trainer: PartTrainer, loss: float | None, replicas: int,
     return finite, loss_sum
 
 
-def update(trainer: PartTrainer, finite: bool) -> None:
-    """The optimiser step of :meth:`PartTrainer.train_step`, after a pipelined forward and backward."""
-    if not finite:
-        trainer.skipped += 1
-        trainer.bad_in_a_row += 1
-        trainer.optimizer.zero_grad(set_to_none=True)
-        check_invertible(trainer.part, trainer.name)
-        if trainer.bad_in_a_row >= trainer.cfg.max_bad_steps:
-            raise TrainingDiverged(f"{trainer.name}: {trainer.bad_in_a_row} non-finite losses in a row "
-                                   "(train.max_bad_steps); lower train.lr or raise train.warmup_steps")
-        return
-    trainer.bad_in_a_row = 0
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = trainer.lr()
-    trainer.optimizer.step()
-    trainer.steps += 1
-
-
 def pipelined_step(trainer: PartTrainer, pipe: PipelinedStage, x: torch.Tensor | None, rows: int, average,
                    replicas: int, device: torch.device) -> float:
     """One fine-tuning step of this stage: forward and backward through the schedule, the replicas'
@@ -116,7 +88,7 @@ def pipelined_step(trainer: PartTrainer, pipe: PipelinedStage, x: torch.Tensor |
     if average is not None:  # (a learned boundary prior gets no gradient end to end, on any replica)
         average([p.grad for p in trainer.params if p.grad is not None])
     finite, loss = whole_flow_step(trainer, loss, replicas, device)
-    update(trainer, finite)
+    trainer.apply(finite)
     return loss
 
 
@@ -135,17 +107,16 @@ def stage_trainer(rr: "RankRun") -> PartTrainer:
 def initialise_if_fresh(rr: "RankRun") -> None:
     """No by-parts epochs: every rank initialises the ActNorms of the whole flow (on the host) from the
     first batch, as one device does, then keeps its own part on its device."""
-    if is_initialized(rr.run.model):
+    from pipeflow.multirank import every_rank_agrees  # noqa: PLC0415 (multirank dispatches here)
+
+    if is_initialized(rr.run.parts[rr.topo.stage]):  # (by parts, each rank initialised its own part)
         return
-    rr.run.data = rr.run.data or load_dataset(rr.cfg.data)
-    initialise_on_host(rr.run.model, rr.run.parts[rr.topo.stage], next(rr.run.train_batches().epoch(0)), rr.device)
-
-
-def initialise_on_host(model: nn.Module, own: nn.Module, x: torch.Tensor, device: torch.device) -> None:
-    """Every ActNorm from ``x`` through the whole flow, on the host; then this rank's part on its device."""
-    model.to("cpu")
-    model.initialize(x.cpu())
-    own.to(device)
+    rr.run.data = every_rank_agrees("loading the data", rr, rr.timeout,
+                                    lambda: rr.run.data or load_dataset(rr.cfg.data))
+    with torch.no_grad():
+        rr.run.model.to("cpu")
+        rr.run.model.initialize(next(rr.run.train_batches().epoch(0)))
+    rr.run.parts[rr.topo.stage].to(rr.device)
 
 
 class PipelinedTrainer:
@@ -155,11 +126,21 @@ class PipelinedTrainer:
     mean loss back (the last stage computes it), so the loop logs the same figures on any rank.
     """
 
+    OWN = ("own_finetune_forward_bytes", "own_finetune_backward_bytes", "own_finetune_allreduce_bytes")
+
     def __init__(self, inner: PartTrainer, pipe: PipelinedStage, average, replicas: int, device: torch.device,
-                 n_bins: int):
+                 n_bins: int, state: RunState):
         self.inner, self.pipe, self.average, self.replicas, self.device = inner, pipe, average, replicas, device
         self.part = inner.part
         self.constant = math.log(n_bins) / LN2  # the dequantisation's, as in bits_per_dim
+        self.before = [state.comm.get(k, 0) for k in self.OWN]  # what this rank sent before a resume
+
+    def count_bytes(self, state: RunState) -> list[int]:
+        """This rank's bytes of the phase so far, earlier attempts included, into its run state."""
+        now = [*self.pipe.bytes_sent, self.average.bytes if self.average else 0]
+        own = [a + b for a, b in zip(self.before, now)]
+        state.comm.update(zip(self.OWN, own))
+        return own
 
     @property
     def steps(self) -> int:
@@ -176,37 +157,39 @@ def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
     from pipeflow.multirank import every_rank_agrees  # noqa: PLC0415 (multirank dispatches here)
 
     topo, cfg = rr.topo, rr.cfg
-    every_rank_agrees("checking pipelined fine-tuning", rr, rr.timeout, lambda: check_pipelined(rr))
     resumed = rr.blob is not None and rr.plan[0] == "finetune"
     if not resumed:
         initialise_if_fresh(rr)
-    if topo.is_first and rr.run.data is None:
-        rr.run.data = load_dataset(cfg.data)
+    rr.run.data = every_rank_agrees("loading the data", rr, rr.timeout, lambda: rr.run.data or (
+        load_dataset(cfg.data) if topo.is_first else None))
     stage_group = link_groups(topo, rr.timeout).stage
     chain_group = pipeline_groups(topo.stages, topo.replicas, topo.rank, rr.timeout)
     trainer = stage_trainer(rr)
     if resumed:
-        rr.state = restore(rr.blob, [trainer.part], [trainer], rr.device)
+        rr.state = every_rank_agrees("restoring the checkpoints", rr, rr.timeout,
+                                     lambda: restore(rr.blob, [trainer.part], [trainer], rr.device))
     module = StageLikelihood(trainer.module, topo.is_first, topo.is_last)
     d = rr.run.num_dims
     pipe = PipelinedStage(module, topo.stage, topo.stages, rr.device, cfg.distributed.microbatches,
                           cfg.distributed.pipeline_schedule, lambda logp, _: -logp.mean() / (d * LN2), chain_group)
     average = gradient_averager(stage_group, topo.replicas) if stage_group is not None else None
     rr.state.phase = phase.name
-    stepper = PipelinedTrainer(trainer, pipe, average, topo.replicas, rr.device, rr.run.n_bins)
+    stepper = PipelinedTrainer(trainer, pipe, average, topo.replicas, rr.device, rr.run.n_bins, rr.state)
     _run(rr, phase, stepper, lambda msg, means: _evaluate(rr, phase, module, chain_group, msg.epoch))
     rr.state.tally(phase.name).skipped = trainer.skipped
-    sent = torch.tensor(pipe.bytes_sent, dtype=torch.float64)
-    dist.all_reduce(sent)
-    rr.state.comm["finetune_forward_bytes"], rr.state.comm["finetune_backward_bytes"] = (int(v) for v in sent)
-    rr.state.comm["finetune_allreduce_bytes"] = average.bytes if average else 0
+    sent = torch.tensor(stepper.count_bytes(rr.state), dtype=torch.float64)
+    dist.all_reduce(sent)  # every rank's, for the summary
+    totals = (int(v) for v in sent.tolist())
+    rr.state.comm["finetune_forward_bytes"], rr.state.comm["finetune_backward_bytes"], allreduce = totals
+    # the gradients one replica's stages average with the other replicas', all stages together (as DDP's figure)
+    rr.state.comm["finetune_allreduce_bytes"] = allreduce // topo.replicas
+    for key in PipelinedTrainer.OWN:
+        rr.state.comm.pop(key)
     rr.state.comm["gather_bytes"] = rr.state.comm.get("gather_bytes", 0) + gather_on_rank0(rr)
 
 
 def _run(rr: "RankRun", phase: "Phase", stepper: PipelinedTrainer, evaluate) -> None:
     """The one training loop over this stage: stage 0 reads its replica's rows, the others count steps."""
-    from pipeflow.train import is_checkpoint_step  # noqa: PLC0415
-
     topo, cfg, state = rr.topo, rr.cfg, rr.state
     rows = cfg.train.batch_size // topo.replicas
     if topo.is_first:
@@ -217,12 +200,11 @@ def _run(rr: "RankRun", phase: "Phase", stepper: PipelinedTrainer, evaluate) -> 
         def epoch(e, skip):
             return [rows] * (rr.steps_per_epoch - skip)
     data = DataStream(epoch, lambda: [], rr.device, rr.steps_per_epoch)  # (evaluation: a collective of its own)
-    saver = rr.saver()
+    def owned():  # every rank its own part: nothing is gathered
+        stepper.count_bytes(state)
+        return [stepper.part], [stepper.inner], None
 
-    def stepped(msg) -> None:
-        state.step = msg.step
-        if is_checkpoint_step(msg.step, rr.steps_per_epoch, cfg.checkpoint.every_steps):
-            saver.save(state, [stepper.part], [stepper.inner])  # every rank its own part: nothing is gathered
+    stepped = checkpointing(state, rr.saver(), rr.steps_per_epoch, cfg.checkpoint.every_steps, owned)
 
     first = cfg.train.by_parts_epochs
     hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=evaluate, after_step=[stepped, *rr.ctx.step_hooks],
@@ -246,12 +228,7 @@ def _evaluate(rr: "RankRun", phase: "Phase", module: nn.Module, group, epoch: in
             count += len(logp)
         bpd = total / count if count else None
     bpd = broadcast_object(bpd, src=topo.stages - 1)
-    state.tally(phase.name).test_bpd = bpd
-    record = {"kind": "eval", "phase": phase.name, "epoch": epoch + 1, "test_bpd": bpd, "test_prefix_bpd": [bpd],
-              "train_seconds": state.train_seconds, "step": state.step}
-    state.history.append(record)
-    if rr.log is not None:
-        rr.log.log({**record, "wall": time.time()})
+    evaluated(state, rr.log, phase.name, epoch, state.step, [bpd])  # (no samples: no rank holds the whole flow)
 
 
 def gather_on_rank0(rr: "RankRun") -> int:

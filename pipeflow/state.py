@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
+import time
+
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ from pipeflow.checkpoint import CheckpointStore, rng_state, set_rng_state
 from pipeflow.config import Config
 from pipeflow.errors import UserError
 from pipeflow.loop import Tally
+from pipeflow.runlog import RunLog
 from pipeflow.part_trainer import PartTrainer
 
 
@@ -123,3 +126,38 @@ def summary(state: RunState, cfg: Config, phases: Sequence[Any], test_bpd: float
         "resumed_from_step": resumed_from,
         **extra,
     }
+
+
+def is_checkpoint_step(step: int, steps_per_epoch: int, every: int) -> bool:
+    """Checkpoints are taken every ``every`` steps and at each epoch's last step."""
+    return step % steps_per_epoch == 0 or bool(every and step % every == 0)
+
+
+def checkpointing(state: RunState, saver: Checkpointer, steps_per_epoch: int, every: int,
+                  owned: Callable[[], tuple[Sequence[nn.Module], Sequence[PartTrainer], dict | None]] | None):
+    """The after-step hook of every mode: note the step, and at a checkpoint step save what this
+    process owns (``owned()``: its modules, trainers and byte counters; None: nothing to save)."""
+    def stepped(msg) -> None:
+        state.step = msg.step
+        if owned is not None and is_checkpoint_step(msg.step, steps_per_epoch, every):
+            modules, trainers, counters = owned()
+            saver.save(state, modules, trainers, counters)
+
+    return stepped
+
+
+def evaluated(state: RunState, log: RunLog | None, phase: str, epoch: int, step: int, means: list[float],
+              model: nn.Module | None = None, cfg: Config | None = None) -> dict:
+    """Record an evaluation of the whole model: into the history, the log and (given the model and
+    ``train.samples``) a sample grid. The same record from every mode; returns it."""
+    record = {"kind": "eval", "phase": phase, "epoch": epoch + 1, "test_bpd": means[-1], "test_prefix_bpd": means,
+              "train_seconds": state.train_seconds, "step": step}
+    state.history.append(record)
+    state.tally(phase).test_bpd = means[-1]
+    if log is not None:
+        log.log({**record, "wall": time.time()})
+        t = cfg.train if cfg is not None else None
+        if model is not None and t is not None and t.samples:
+            grid = model.sample(t.samples, t.temperature, torch.Generator().manual_seed(t.seed))
+            log.samples(grid, f"{phase}_epoch{epoch + 1:03d}")
+    return record

@@ -28,14 +28,13 @@ from pipeflow.build import Run, build_run, resolve_device
 from pipeflow.checkpoint import CheckpointStore, save_model
 from pipeflow.config import Config
 from pipeflow.errors import UserError
-from pipeflow.evaluate import evaluate
 from pipeflow.feed import attach_feeds
 from pipeflow.lr_find import find_part_lrs
-from pipeflow.loop import Chain, DataStream, Hooks, run_loop, train_step  # noqa: F401 (train_step: the API)
+from pipeflow.loop import Chain, DataStream, Hooks, evaluate, run_loop
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
 from pipeflow.parts import whole_model_part
 from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
-from pipeflow.state import Checkpointer, RunState, newest_entry_check, restore, summary
+from pipeflow.state import Checkpointer, RunState, checkpointing, evaluated, newest_entry_check, restore, summary
 
 Callback = Callable[[dict], None]
 
@@ -63,11 +62,6 @@ def make_phases(run: Run, part_lrs: list[float] | None = None) -> list[Phase]:
     whole = trainer(whole_model_part(run.model), t.finetune_lr or t.lr)
     finetune = Phase("finetune", t.finetune_epochs, "e2e", [whole])
     return [by_parts, finetune]
-
-
-def is_checkpoint_step(step: int, steps_per_epoch: int, every: int) -> bool:
-    """Checkpoints are taken every ``every`` steps and at each epoch's last step."""
-    return step % steps_per_epoch == 0 or bool(every and step % every == 0)
 
 
 def diverged_hint(exc: BaseException, store: CheckpointStore) -> str:
@@ -118,29 +112,17 @@ class _OneDevice:
         self.on_step, self.on_epoch, self.after_step = on_step, on_epoch, after_step
 
     def __call__(self, phase: Phase) -> Hooks:
-        def stepped(msg):
-            self.state.step = msg.step
-            if is_checkpoint_step(msg.step, self.spe, self.run.cfg.checkpoint.every_steps):
-                self.saver.save(self.state, [self.run.model, *self.run.parts], phase.trainers)
-            if self.after_step:
-                self.after_step(msg.step)
+        run = self.run
+        owned = lambda: ([run.model, *run.parts], phase.trainers, None)  # noqa: E731
+        stepped = checkpointing(self.state, self.saver, self.spe, run.cfg.checkpoint.every_steps, owned)
 
-        def evaluated(msg, means):
-            self.evaluated(phase, msg, means)
+        def on_eval(msg, means):
+            record = evaluated(self.state, self.log, phase.name, msg.epoch, msg.step, means, run.model, run.cfg)
+            if self.on_epoch:
+                self.on_epoch(record)
 
-        return Hooks(log=self.log.log, on_step=self.on_step, on_eval=evaluated, after_step=[stepped])
-
-    def evaluated(self, phase: Phase, msg, means: list[float]) -> None:
-        t = self.run.cfg.train
-        record = {"kind": "eval", "phase": phase.name, "epoch": msg.epoch + 1, "test_bpd": means[-1],
-                  "test_prefix_bpd": means, "train_seconds": self.state.train_seconds, "step": msg.step}
-        self.state.history.append(record)
-        self.log.log({**record, "wall": time.time()})
-        if t.samples:
-            grid = self.run.model.sample(t.samples, t.temperature, torch.Generator().manual_seed(t.seed))
-            self.log.samples(grid, f"{phase.name}_epoch{msg.epoch + 1:03d}")
-        if self.on_epoch:
-            self.on_epoch(record)
+        after = [stepped] + ([lambda msg: self.after_step(msg.step)] if self.after_step else [])
+        return Hooks(log=self.log.log, on_step=self.on_step, on_eval=on_eval, after_step=after)
 
 
 def _resume_point(store: CheckpointStore, cfg: Config) -> dict | None:

@@ -275,7 +275,8 @@ def synthetic_report(config, pipeline_step=0.25, pipeline_peaks=(50 * MIB, 50 * 
                                       _stage_metrics)
 
     cfg = with_overrides(load_config(config), ["train.by_parts_epochs=6", "train.finetune_epochs=3"])
-    report = {"settings": {"threads_per_rank": 1}, "runs": [], "notes": [],
+    report = {"settings": {"threads_per_rank": 1, "warmup": 2, "batch": 16}, "runs": [], "notes": [],
+              "step_costs": {"flops": [1e9, 1e9]},
               "splits": {"across": {"cuts": [1], "same_as": None, "parts": [],
                                     "flop_model": {"alternate_step": 0.6, "pipeline_step": 0.55}}}}
     session = _Session(BenchOptions(), 2, 16, {}, Path("unused"), report, log=lambda message: None)
@@ -376,3 +377,33 @@ def test_alternate_cost_ratio_by_hand():
     # under no_grad) + 3*3; an e2e step 3*4. Mean (3 + 10) / 2 / 12 = 13/24.
     assert alternate_cost_ratio([1.0, 3.0]) == pytest.approx(13 / 24)
     assert alternate_cost_ratio([2.0]) == 1.0
+
+
+@pytest.mark.parametrize("compiled_step, expected_met", [(0.35, True), (0.37, False)])
+def test_compiled_row_reports_its_compilation_speedup_and_utilisation(config, compiled_step, expected_met):
+    """e2e steps of 0.5 s after 2 warm-up steps of 9 s; the compiled run's first warm-up step takes 60 s.
+
+    A step trains 3 x 2 GFLOP x 16 images = 96 GFLOP; on a convolution rate of 384 GFLOP/s the
+    eager step's 192 GFLOP/s are 50 %.
+    """
+    from pipeflow.config import load_config
+    from pipeflow.tools.bench import BenchOptions, _derive, _Session, _single_metrics
+
+    report = {"settings": {"threads_per_rank": 1, "warmup": 2, "batch": 16}, "runs": [], "notes": [], "splits": {},
+              "step_costs": {"flops": [1e9, 1e9]}}
+    session = _Session(BenchOptions(), 2, 16, {}, Path("unused"), report, log=lambda message: None)
+    common = {"schedule": "e2e", "scheme": None, "cuts": [], "ranks_count": 1, "threads_per_rank": 1,
+              "bandwidth": None}
+    for name, steps in (("e2e", [9.0, 9.0, 0.5, 0.4, 0.6]), ("e2e compiled", [60.0, 9.0] + [compiled_step] * 3)):
+        result = {**worker_result(steps), "conv_flops_per_s": 384e9}
+        session.record(name, "single", _single_metrics(result, 2, 1, "e2e"), compiled=name != "e2e", **common)
+    _derive(report, load_config(config), (1, 8, 8), 2)
+    eager, compiled = report["runs"]
+    assert eager["utilisation"] == pytest.approx(0.5)
+    assert compiled["utilisation"] == pytest.approx(96e9 / compiled_step / 384e9)
+    # 69 s of warm-up where two steps take 2 x compiled_step, less the eager warm-up's 17 s beyond its steps
+    assert compiled["compile_seconds"] == pytest.approx(69 - 2 * compiled_step - 17)
+    assert compiled["amortised_after_steps"] == pytest.approx(compiled["compile_seconds"] / (0.5 - compiled_step))
+    assert met(report, "e2e step compiled >= 1.4x") is expected_met
+    util = {t["run"]: t["met"] for t in report["targets"] if t["target"].startswith("utilisation")}
+    assert util == {"e2e": True, "e2e compiled": True}  # 50 % and above

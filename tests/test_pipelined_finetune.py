@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from support import MULTIRANK, comparable_metrics, max_difference, metrics, ok, pipeflow, summary, torchrun, write_config
+from support import (MULTIRANK, comparable_metrics, max_difference, metrics, ok, pipeflow, summary, torchrun,
+                     write_config)
 
 
 def pipelined_config(tmp_path: Path, parts: int, **more) -> Path:
@@ -58,7 +59,22 @@ def test_a_killed_pipelined_fine_tuning_resumes_to_the_uninterrupted_parameters(
     assert "(resumed after step 8)" in result.stdout
     assert max_difference(tmp_path / "run", tmp_path / "reference") == 0.0
     assert comparable_metrics(tmp_path / "run") == comparable_metrics(tmp_path / "reference")
-    assert summary(tmp_path / "run")["test_bpd"] == summary(tmp_path / "reference")["test_bpd"]
+    mine, theirs = summary(tmp_path / "run"), summary(tmp_path / "reference")
+    assert mine["test_bpd"] == theirs["test_bpd"] and mine["comm"] == theirs["comm"]  # bytes of both attempts
+
+
+def test_two_replicas_of_a_pipelined_two_stage_flow(tmp_path):
+    """P x R = 2 x 2: each replica's stages fine-tune half of every batch and average their gradients
+    over the replicas, so the run ends where one device ends on whole batches, up to the order of
+    floating-point sums (as the replicated by-parts phase does)."""
+    config = pipelined_config(tmp_path, 2, **{"distributed.microbatches": 2, "train.grad_clip": 0.5})
+    ok(torchrun(4, config, tmp_path / "pipe"))
+    ok(pipeflow("train", "--config", config, "--out", tmp_path / "single", "--quiet"))
+    run = summary(tmp_path / "pipe")
+    assert run["replicas"] == 2 and run["comm"]["finetune_allreduce_bytes"] > 0
+    assert run["phases"]["finetune"]["images_per_process"] == 5 * 32 // 2
+    assert max_difference(tmp_path / "pipe", tmp_path / "single") < 1e-3
+    assert run["test_bpd"] == pytest.approx(summary(tmp_path / "single")["test_bpd"], abs=1e-3)
 
 
 def test_bytes_sent_are_one_latent_and_carry_per_image_each_way(tmp_path):

@@ -16,10 +16,10 @@ from pipeflow.parts import whole_model_part
 from support import metrics
 
 # internals of the training core that issue 10's rewrite may rename or move
-from pipeflow.evaluate import evaluate
+from pipeflow.loop import evaluate, train_step
 from pipeflow.part_trainer import PartTrainer, optimizer_states
 from pipeflow.schedules import active_parts
-from pipeflow.train import make_phases, train, train_step
+from pipeflow.train import make_phases, train
 
 STEP_KEYS = {"phase", "part", "epoch", "step", "loss", "prefix_bpd", "images_per_s", "wall"}
 

@@ -39,7 +39,7 @@ HEADER = 4  # int64 fields: kind, rows, epoch, step
 
 
 class Kind(enum.IntEnum):
-    """What a message asks of the next stage (see :mod:`pipeflow.distributed.pipeline`)."""
+    """What a message asks of the next stage (see :mod:`pipeflow.loop`, which handles each kind)."""
 
     INIT = 0
     TRAIN = 1

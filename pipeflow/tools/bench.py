@@ -21,6 +21,15 @@ with ``--measure-costs``, the model built from per-step costs measured on the de
 (:func:`pipeflow.tools.balance.measure_step_costs`), which also gives the ``balanced-measured``
 split. The paper's plan (E1 epochs by parts, E2 end to end) is predicted relative to E1 + E2
 epochs end to end from both.
+
+With ``--compile`` each of those runs is repeated with ``train.compile`` ("... compiled"), right
+after its eager row. The compilation falls in the warm-up steps: what they took beyond as many
+ordinary steps, less the same excess of the eager run, is the compilation time, reported apart
+from the step time with the number of steps that pay it back. Every run reports its
+*utilisation*: the FLOP model's FLOPs per second (a training step: 3x the forward pass) over the
+rate each process measures on a 3x3 convolution of the model's shape
+(:func:`pipeflow.tools.bench_worker.conv_rate`); for a P-rank pipeline, each stage's over its
+busy time.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ class BenchOptions:
     measure_costs: bool = False  # measure per-step costs on the device (balanced-measured split, predictions)
     cost_repeats: int = 5
     modes: list[str] | None = None  # subset of ALL_MODES
+    compile: bool = False  # also run each mode with train.compile, beside its eager row
     timeout_s: float = 1800.0  # per run
     keep: Path | None = None  # keep the workers' specs and results here
 
@@ -175,8 +185,10 @@ def _single_metrics(result: dict, warmup: int, parts: int, schedule: str) -> dic
         step = _median(times)
         extra = {}
     return {"step_seconds": step, "step_seconds_mean": statistics.fmean(times), "step_times": times, **extra,
+            "warmup_seconds": sum(result["step_seconds"][:warmup]),
             "ranks": [{"rank": 0, "stage": None, "busy_fraction": 1.0, "busy_seconds_per_step": step,
-                       "idle_seconds_per_step": 0.0, **_memory(result)}],
+                       "idle_seconds_per_step": 0.0, "conv_flops_per_s": result.get("conv_flops_per_s"),
+                       **_memory(result)}],
             "forward_bytes_per_step": 0, "backward_bytes_per_step": 0, "forward_bytes_per_rank_per_step": 0,
             "backward_bytes_per_rank_per_step": 0, "skipped_steps": result["skipped"]}
 
@@ -192,9 +204,12 @@ def _ddp_metrics(results: list[dict], warmup: int) -> dict:
     per_step = [max(ts) for ts in zip(*(r["step_seconds"][warmup:] for r in results))]
     step = _median(per_step)
     r0 = results[0]
+    warm = [max(ts) for ts in zip(*(r["step_seconds"][:warmup] for r in results))]
     return {"step_seconds": step, "step_seconds_mean": statistics.fmean(per_step), "step_times": per_step,
+            "warmup_seconds": sum(warm),
             "ranks": [{"rank": r["rank"], "stage": None, "busy_fraction": None, "busy_seconds_per_step": None,
                        "idle_seconds_per_step": None, "sent_bytes_per_step": r["wire_bytes_per_step"],
+                       "conv_flops_per_s": r.get("conv_flops_per_s"),
                        "paced_seconds": r.get("paced_seconds", 0.0), **_memory(r)}
                       for r in results],
             "forward_bytes_per_step": 0,
@@ -225,7 +240,7 @@ def _stage_metrics(results: list[dict], warmup: int, steps: int) -> dict:
                       "busy_seconds_per_step": busy / steps, "idle_seconds_per_step": (window - busy) / steps,
                       "step_seconds": medians[-1], "step_times": gaps,
                       "forward_bytes_per_step": fwd, "sent_bytes_per_step": fwd, "wire_seconds": r["wire_seconds"],
-                      "paced_seconds": r.get("paced_seconds", 0.0),
+                      "paced_seconds": r.get("paced_seconds", 0.0), "conv_flops_per_s": r.get("conv_flops_per_s"),
                       "params": r["params"], "in_shape": r.get("in_shape"), "out_shape": r.get("out_shape"),
                       # every update of the rank, warm-up included: (start, end) in seconds from the first update
                       "updates": [(round(a - t0, 6), round(b - t0, 6)) for a, b in iv],
@@ -233,6 +248,7 @@ def _stage_metrics(results: list[dict], warmup: int, steps: int) -> dict:
     slowest = max(range(len(ranks)), key=lambda k: medians[k])
     gaps = ranks[slowest]["step_times"]
     return {"step_seconds": medians[slowest], "step_seconds_mean": statistics.fmean(gaps), "step_times": gaps,
+            "warmup_seconds": max(r["intervals"][warmup - 1][1] for r in results) - t0,
             "slowest_rank": slowest, "ranks": ranks,
             "forward_bytes_per_step": sum(x["forward_bytes_per_step"] for x in ranks),  # over every link
             "forward_bytes_per_rank_per_step": max(x["forward_bytes_per_step"] for x in ranks),
@@ -287,7 +303,8 @@ def bench(cfg: Config, opts: BenchOptions, log: Log | None = None, command: str 
     schemes = _schemes(cfg, opts)
     base_spec = {"config": cfg.to_dict(), "batch": B, "warmup": opts.warmup, "steps": opts.steps,
                  "threads": opts.threads, "bandwidth": 0.0, "n_bins": bins, "device": device.type,
-                 "timeout_s": cfg.distributed.timeout_s, "cuts": []}
+                 "timeout_s": cfg.distributed.timeout_s, "cuts": [],
+                 "conv_shape": [cfg.model.hidden, shape[1] // 2, shape[2] // 2]}  # see bench_worker.conv_rate
     work = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="pipeflow-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     base_spec["batches"] = str(work / "batches.pt")
@@ -385,6 +402,13 @@ class _Session:
     work: Path
     report: dict
     log: Log
+
+    def variants(self) -> list[tuple[str, dict]]:
+        """(name suffix, spec changes) of each variant of a run: eager, then compiled if asked for."""
+        if not self.opts.compile:
+            return [("", {})]
+        config = {**self.base_spec["config"], "train": {**self.base_spec["config"]["train"], "compile": True}}
+        return [("", {}), (" compiled", {"config": config})]
 
     def launch(self, changes: dict, world: int, name: str) -> list[dict]:
         """Run ``world`` workers on the shared spec with ``changes``; each rank's result."""
@@ -486,24 +510,27 @@ def _run_on_one_device(session: _Session, modes: list[str], splits: dict[str, di
 
 def _run_single(session: _Session, name: str, schedule: str, cuts: list[int], threads: int,
                 scheme: str | None = None) -> None:
-    def run() -> None:
-        (res,) = session.launch({"mode": "single", "schedule": schedule, "cuts": cuts, "threads": threads}, 1, name)
-        session.record(name, "single", _single_metrics(res, session.opts.warmup, len(cuts) + 1, schedule),
-                       schedule=schedule, scheme=scheme, cuts=cuts, ranks_count=1, threads_per_rank=threads,
-                       bandwidth=None)
-    session.attempt(name, run)
+    for suffix, changes in session.variants():
+        def run(suffix=suffix, changes=changes) -> None:
+            (res,) = session.launch({"mode": "single", "schedule": schedule, "cuts": cuts, "threads": threads,
+                                     **changes}, 1, name + suffix)
+            session.record(name + suffix, "single", _single_metrics(res, session.opts.warmup, len(cuts) + 1, schedule),
+                           schedule=schedule, scheme=scheme, cuts=cuts, ranks_count=1, threads_per_rank=threads,
+                           bandwidth=None, compiled=bool(suffix))
+        session.attempt(name + suffix, run)
 
 
 def _run_on_ranks(session: _Session, modes: list[str], splits: dict[str, dict], bw: float) -> None:
     """The P-rank runs over links of ``bw`` bytes/s: DDP, then the pipeline of every distinct split."""
     P, opts = session.parts, session.opts
     link = f" @{_fmt_bw(bw)}" if bw else ""
-    if "ddp" in modes:
-        def run_ddp() -> None:
-            res = session.launch({"mode": "ddp", "bandwidth": bw}, P, f"ddp{_slug(bw)}")
-            session.record(f"ddp x{P}{link}", "ddp", _ddp_metrics(res, opts.warmup), schedule="e2e", scheme=None,
-                           cuts=[], ranks_count=P, threads_per_rank=opts.threads, bandwidth=bw)
-        session.attempt(f"ddp x{P}{link}", run_ddp)
+    for suffix, changes in session.variants() if "ddp" in modes else []:
+        def run_ddp(suffix=suffix, changes=changes) -> None:
+            res = session.launch({"mode": "ddp", "bandwidth": bw, **changes}, P, f"ddp{_slug(bw)}{suffix}")
+            session.record(f"ddp x{P}{link}{suffix}", "ddp", _ddp_metrics(res, opts.warmup), schedule="e2e",
+                           scheme=None, cuts=[], ranks_count=P, threads_per_rank=opts.threads, bandwidth=bw,
+                           compiled=bool(suffix))
+        session.attempt(f"ddp x{P}{link}{suffix}", run_ddp)
     if "pipeline" not in modes:
         return
     for scheme, split in splits.items():
@@ -512,11 +539,14 @@ def _run_on_ranks(session: _Session, modes: list[str], splits: dict[str, dict], 
             session.report["notes"].append(f"{name}: the same cuts as {split['same_as']}, not run again")
             continue
 
-        def run_pipeline(scheme=scheme, cuts=split["cuts"], name=name) -> None:
-            res = session.launch({"mode": "stage", "bandwidth": bw, "cuts": cuts}, P, f"pipeline-{scheme}{_slug(bw)}")
-            session.record(name, "pipeline", _stage_metrics(res, opts.warmup, opts.steps), schedule="pipeline",
-                           scheme=scheme, cuts=cuts, ranks_count=P, threads_per_rank=opts.threads, bandwidth=bw)
-        session.attempt(name, run_pipeline)
+        for suffix, changes in session.variants():
+            def run_pipeline(scheme=scheme, cuts=split["cuts"], name=name + suffix, changes=changes) -> None:
+                res = session.launch({"mode": "stage", "bandwidth": bw, "cuts": cuts, **changes}, P,
+                                     f"pipeline-{scheme}{_slug(bw)}{suffix.replace(' ', '-')}")
+                session.record(name, "pipeline", _stage_metrics(res, opts.warmup, opts.steps), schedule="pipeline",
+                               scheme=scheme, cuts=cuts, ranks_count=P, threads_per_rank=opts.threads, bandwidth=bw,
+                               compiled=bool(changes))
+            session.attempt(name + suffix, run_pipeline)
 
 
 def _run_pipelined(session: _Session, modes: list[str], splits: dict[str, dict], microbatches: int) -> None:
@@ -552,8 +582,72 @@ def _derive(report: dict, cfg: Config, shape, P: int) -> None:
     e2e = next((r for r in runs if r["name"] == "e2e"), None)
     for r in runs:
         _add_ratios(r, e2e, report["splits"], P, report["settings"]["threads_per_rank"])
-    report["predictions"] = _predictions(runs, cfg, shape, P)
-    report["targets"] = _targets(report, runs, e2e, P) + _pipelined_targets(runs)
+        _add_utilisation(r, report)
+        r["warmup_extra_seconds"] = r["warmup_seconds"] - report["settings"]["warmup"] * r["step_seconds"]
+    for r in runs:
+        if r.get("compiled"):
+            _add_compile_figures(r, next((e for e in runs if e["name"] == r["name"].removesuffix(" compiled")), None))
+    eager = [r for r in runs if not r.get("compiled")]  # the targets before compilation keep their meaning
+    report["predictions"] = _predictions(eager, cfg, shape, P)
+    report["targets"] = (_targets(report, eager, e2e, P) + _pipelined_targets(eager)
+                         + _compile_targets(runs, e2e))
+
+
+def _rate(ranks: list[dict]) -> float | None:
+    rates = [x.get("conv_flops_per_s") for x in ranks]
+    return sum(rates) if rates and None not in rates else None
+
+
+def _add_utilisation(r: dict, report: dict) -> None:
+    """The model's FLOPs per second in a run, and over the convolution rate of its processes.
+
+    A training step costs 3x the forward FLOPs (:mod:`pipeflow.tools.flops`) of what it trains:
+    the whole model (``alternate``: the FLOP model's share of it). A pipeline stage's figure is its
+    own part's over its busy time, on its own rank's rate.
+    """
+    from pipeflow.tools.flops import BACKWARD_FACTOR  # noqa: PLC0415
+
+    train = (1 + BACKWARD_FACTOR) * report["settings"]["batch"]
+    share = (r.get("flop_model_step_ratio") or 1.0) if r["schedule"] == "alternate" else 1.0
+    flops = train * sum(report["step_costs"]["flops"]) * share
+    r["flops_per_s"] = flops / r["step_seconds"]
+    rate = _rate(r["ranks"])
+    r["utilisation"] = r["flops_per_s"] / rate if rate else None
+    if r["kind"] != "pipeline":
+        return
+    parts = report["splits"].get(r["scheme"], {}).get("parts", [])
+    for x, part in zip(r["ranks"], parts):
+        busy, own = x["busy_seconds_per_step"], x.get("conv_flops_per_s")
+        x["flops_per_s"] = train * part["flops"] / busy if busy else None
+        x["utilisation"] = x["flops_per_s"] / own if own and x["flops_per_s"] else None
+
+
+def _add_compile_figures(r: dict, eager: dict | None) -> None:
+    """A compiled run against its eager row: the speed-up, the compilation time and the steps that repay it."""
+    r["compile_seconds"] = r["warmup_extra_seconds"] - (eager["warmup_extra_seconds"] if eager else 0.0)
+    r["speedup_over_eager"] = eager["step_seconds"] / r["step_seconds"] if eager else None
+    saved = eager["step_seconds"] - r["step_seconds"] if eager else 0.0
+    # a warm inductor cache (a second run of the same model) compiles in about no time: nothing to repay
+    r["amortised_after_steps"] = max(r["compile_seconds"], 0.0) / saved if saved > 0 else None
+
+
+def _compile_targets(runs: list[dict], e2e: dict | None) -> list[dict]:
+    """Issue 13's targets: the compiled e2e step >= 1.4x faster; utilisation >= 50 % end to end and per stage."""
+    out = []
+    compiled = next((r for r in runs if r["name"] == "e2e compiled"), None)
+    if compiled and e2e:
+        out.append({"target": "e2e step compiled >= 1.4x faster than eager", "run": compiled["name"],
+                    "value": compiled["speedup_over_eager"], "threshold": 1.4,
+                    "met": compiled["speedup_over_eager"] >= 1.4})
+    for r in runs:
+        if r["kind"] == "pipeline" and not r["bandwidth"] or r["name"] in ("e2e", "e2e compiled"):
+            figures = [x.get("utilisation") for x in r["ranks"]] if r["kind"] == "pipeline" else [r["utilisation"]]
+            if None in figures:
+                continue
+            out.append({"target": "utilisation >= 50% of the convolution rate" + (
+                " (the least busy-time figure of its stages)" if r["kind"] == "pipeline" else ""),
+                "run": r["name"], "value": min(figures), "threshold": 0.5, "met": min(figures) >= 0.5})
+    return out
 
 
 def _add_ratios(r: dict, e2e: dict | None, splits: dict, P: int, threads: int) -> None:
@@ -721,7 +815,7 @@ def _measured_costs_shown(runs: list[dict]) -> bool:
 
 def _run_columns(measured: bool) -> list[str]:
     return ["run", "ranks", "img/s", "speed-up", "step ms", "/e2e", "FLOPs", *(["costs"] if measured else []),
-            "busy", "idle ms", "peak MiB", "fwd B", "bwd B"]
+            "util", "compile s", "busy", "idle ms", "peak MiB", "fwd B", "bwd B"]
 
 
 def _run_cells(r: dict, measured: bool, step_ms: str) -> list[str]:
@@ -733,6 +827,8 @@ def _run_cells(r: dict, measured: bool, step_ms: str) -> list[str]:
             _f(r.get("step_ratio"), "{:.3f}"),
             _f(r.get("flop_model_step_ratio"), "{:.3f}"),
             *([_f(r.get("measured_model_step_ratio"), "{:.3f}")] if measured else []),
+            "/".join(_f(x.get("utilisation"), "{:.0%}") for x in ranks) if pipe else _f(r.get("utilisation"), "{:.0%}"),
+            _f(r.get("compile_seconds"), "{:.0f}"),
             "/".join(_f(x["busy_fraction"], "{:.0%}") for x in ranks) if pipe else "-",
             "/".join(_f(x["idle_seconds_per_step"] * 1000, "{:.0f}") for x in ranks) if pipe else "-",
             "/".join(_mib(x["peak_memory_bytes"]) for x in ranks),
@@ -742,7 +838,7 @@ def _run_cells(r: dict, measured: bool, step_ms: str) -> list[str]:
 def _split_cells(scheme: str, sp: dict, runs: list[dict]) -> list[str]:
     """One split's row: its cuts, each part's shares, and what each stage of its unthrottled pipeline run did."""
     run = next((r for r in runs if r.get("kind") == "pipeline" and r.get("scheme") == (sp["same_as"] or scheme)
-                and not r.get("bandwidth") and "error" not in r), None)
+                and not r.get("bandwidth") and not r.get("compiled") and "error" not in r), None)
     return [scheme + (f" (= {sp['same_as']})" if sp["same_as"] else ""), ",".join(map(str, sp["cuts"])),
             "/".join(f"{p['flop_share']:.0%}" for p in sp["parts"]),
             "/".join(_f(p["measured_share"], "{:.0%}") for p in sp["parts"]),
@@ -787,9 +883,11 @@ def _runs_table(report: dict):
                  "e2e's (P-rank pipeline: the slowest rank's interval between updates); FLOPs"
                  + (", costs" if measured else "") + ": that ratio as the FLOP model"
                  + (" and the measured step costs" if measured else "")
-                 + " predict it; busy: share of the time in updates; idle ms: per step; peak: above the process's "
-                 "baseline; fwd, bwd B: the most any rank sends per step, forward to the next stage or, for DDP, "
-                 "in the gradient all-reduce")
+                 + " predict it; util: the FLOP model's FLOPs/s over the processes' rate on a 3x3 convolution of "
+                 "the model's shape (a pipeline: each stage's over its busy time); compile s: compilation, the "
+                 "compiled run's warm-up beyond its eager row's; busy: share of the time in updates; idle ms: per "
+                 "step; peak: above the process's baseline; fwd, bwd B: the most any rank sends per step, forward "
+                 "to the next stage or, for DDP, in the gradient all-reduce")
     return t
 
 

@@ -20,6 +20,10 @@ spec's ``out`` folder. Every mode drives the library's own training code; only t
   (:func:`pipeflow.pipelined_finetune.pipelined_step`), microbatches and gradients sent back.
 * ``costs``  -- one process: :func:`pipeflow.tools.balance.measure_step_costs`.
 
+With ``train.compile`` set in the spec's config, the same runs train compiled parts. After its
+steps every training process measures the machine's own rate (:func:`conv_rate`), the measure
+of its utilisation.
+
 Memory (:class:`Memory`): the peak over the first two (warm-up) steps of CUDA allocated
 memory, or of live anonymous memory on a CPU, above a baseline taken just before the
 model is built (after imports, the process group and the batches). A pipeline rank frees
@@ -511,6 +515,28 @@ def run_costs(spec: dict, rank: int, device: torch.device, memory: Memory) -> di
     return {"train_seconds": train, "forward_seconds": forward, "rank": rank}
 
 
+def conv_rate(spec: dict, device: torch.device, rows: int, repeats: int = 5) -> float:
+    """FLOP/s of this process on a convolution of the model's shape: forward and backward.
+
+    A 3x3 convolution from and to the coupling networks' hidden width, at the first level's
+    resolution (the image once squeezed), on this rank's ``rows`` images: the bulk of what a
+    Glow step computes, at the size it computes it. The fastest of ``repeats`` timed passes.
+    """
+    hidden, h, w = spec["conv_shape"]
+    conv = torch.nn.Conv2d(hidden, hidden, 3, padding=1, bias=False).to(device)
+    x = torch.randn(rows, hidden, h, w, device=device, requires_grad=True)
+    flops = 3 * 2.0 * hidden * hidden * 9 * h * w * rows  # forward, and a backward twice as costly
+    best = float("inf")
+    for k in range(repeats + 1):  # the first pass warms up
+        _sync(device)
+        start = time.perf_counter()
+        conv(x).sum().backward()
+        _sync(device)
+        if k:
+            best = min(best, time.perf_counter() - start)
+    return flops / best
+
+
 MODES = {"single": run_single, "ddp": run_ddp, "stage": run_stage_mode, "pipelined": run_pipelined_mode,
          "costs": run_costs}
 
@@ -534,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
             device = choose_device(backend, who.local_rank)[1]
         memory = Memory(device)
         result = MODES[spec["mode"]](spec, rank, device, memory)
+        if spec["mode"] != "costs" and "conv_shape" in spec:
+            rows = spec["batch"] // spec["world"] if spec["mode"] == "ddp" else spec["batch"]
+            result["conv_flops_per_s"] = conv_rate(spec, device, rows)
         result["threads"] = torch.get_num_threads()
         result["device"] = str(device)
         if distributed:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from pipeflow.tools.balance import part_costs
-from pipeflow.config import Config
+from pipeflow.config import AUTOMATIC_SCHEMES, Config
+from pipeflow.errors import UserError
 from pipeflow.tools.flops import alternate_cost_ratio, part_flops, paper_plan_ratio
 from pipeflow.glow import Glow
 from pipeflow.build import build_parts
@@ -75,3 +76,36 @@ def measured_alternate_ratio(train_costs: Sequence[float], forward_costs: Sequen
     per_part = [sum(forward[:k]) + t for k, t in enumerate(train)]
     return sum(per_part) / len(per_part) / sum(train)
 
+
+def _plan_table(cfg: Config, scheme: str, rows: list, ratios: dict[str, float]):
+    from rich.table import Table  # noqa: PLC0415
+
+    title = f"{scheme}{' (configured)' if scheme == cfg.parts.scheme else ''}: {cfg.parts.count} parts"
+    table = Table(title=title)
+    for col in ("part", "flow steps", "layers", "shape in", "shape out", "params", "GFLOP/img (fwd)", "share"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r.index), f"{r.steps[0]}-{r.steps[1]}", str(r.layers), "x".join(map(str, r.in_shape)),
+                      "x".join(map(str, r.out_shape)), f"{r.params:,}", f"{r.flops / 1e9:.3f}", f"{r.share:.1%}")
+    t = cfg.train
+    table.caption = (f"alternate step / e2e step = {ratios['alternate_step']:.3f};  "
+                     f"{t.by_parts_epochs} by parts + {t.finetune_epochs} e2e epochs / "
+                     f"{t.by_parts_epochs + t.finetune_epochs} e2e epochs = {ratios['plan']:.3f}")
+    return table
+
+
+def render_plan(cfg: Config, model: Glow, console) -> dict:
+    """``pipeflow plan``: a table per scheme (the configured one first); returns the figures by scheme."""
+    report = {}
+    for scheme in [cfg.parts.scheme] + [s for s in AUTOMATIC_SCHEMES if s != cfg.parts.scheme]:
+        try:
+            parts = scheme_parts(cfg, model, scheme, cfg.parts.count)
+        except UserError as exc:
+            if scheme == cfg.parts.scheme:
+                raise
+            console.print(f"[dim]{scheme}: {exc}[/dim]")
+            continue
+        rows, ratios = describe_parts(model, parts), predicted_ratios(cfg, model, parts)
+        console.print(_plan_table(cfg, scheme, rows, ratios))
+        report[scheme] = {"parts": [r.__dict__ for r in rows], **ratios}
+    return report
