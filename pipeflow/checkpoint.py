@@ -39,10 +39,10 @@ MANIFEST_FORMAT = "pipeflow.manifest/1"
 # run resumed with the same values ends with the parameters of an uninterrupted one.
 RUN_IDENTITY = {
     "model": None,  # every key
-    "data": ("dataset", "path", "n_bits", "train_limit", "test_limit"),
+    "data": ("dataset", "path", "n_bits", "levels", "train_limit", "test_limit"),
     "parts": None,
     "train": ("schedule", "by_parts_epochs", "finetune_epochs", "batch_size", "optimizer", "alternate_every",
-              "steps_per_epoch", "seed"),
+              "steps_per_epoch", "seed", "feed_ema"),
     "distributed": ("finetune",),
 }
 
