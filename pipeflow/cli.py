@@ -247,12 +247,13 @@ def _compare_ranks(cfg, ranks, out, runs, seeds, bandwidth, work_dir, force, log
     results = compare_ranks(cfg, ranks, out, runs=runs, seeds=seeds, bandwidth=bandwidth, work_dir=work_dir,
                             force=force, log=log, command=command)
     table = Table(title=f"pipeflow compare --ranks {ranks} in {out}")
-    for col in ("run", "final bpd", "EMA bpd", "train s", "CPU s", "bpd at equal wall-clock", "vs DDP", "vs one device"):
+    for col in ("run", "final bpd", "EMA bpd", "train s", "CPU s", "bpd at equal wall-clock", "vs DDP",
+                "vs one device"):
         table.add_column(col, justify="right")
     fmt = lambda x, f: "-" if x is None else f.format(x)  # noqa: E731
     for name, row in results["verdict"].items():
-        vs = [fmt((row.get(k) or {}).get("bpd_diff"), "{:+.4f}") + fmt((row.get(k) or {}).get("time_ratio"), " / {:.2f}x")
-              if row.get(k) else "-" for k in ("vs_ddp", "vs_e2e")]
+        vs = [fmt(row[k]["bpd_diff"], "{:+.4f}") + fmt(row[k]["time_ratio"], " / {:.2f}x") if row.get(k) else "-"
+              for k in ("vs_ddp", "vs_e2e")]
         table.add_row(name, fmt(row["test_bpd"], "{:.4f}"), fmt(row["test_bpd_ema"], "{:.4f}"),
                       fmt(row["train_seconds"], "{:.1f}"), fmt(row["cpu_seconds"], "{:.1f}"),
                       fmt(row["bpd_at_equal_seconds"], "{:.4f}"), *vs)

@@ -6,7 +6,7 @@ The paper's gain that no epoch budget takes away comes from P devices: by parts,
 trains on every batch at once and only activations travel forwards. This comparison trains, as
 real processes (``torchrun ... -m pipeflow.launch``, and ``pipeflow train`` for one device):
 
-    e2e                 end to end on one device, with the threads of all P ranks
+    e2e                 end to end on one device (one process with one rank's threads: one of the P devices)
     ddpP                end to end, data-parallel (DDP) on P ranks: the same global batch
     pipelineP-<mode>    by parts on P ranks (one part each), then fine-tuning, <mode> being
                         distributed.finetune: ddp, rank0 or pipeline
@@ -32,7 +32,6 @@ so a throttled comparison favours DDP, and the report says so.
 from __future__ import annotations
 
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeflow.checkpoint import atomic_write_json
-from pipeflow.config import Config, load_config, to_toml, with_overrides
+from pipeflow.config import Config, to_toml, with_overrides
 from pipeflow.errors import UserError
 from pipeflow.tools.compare import CLAIM_BPD, Log, _bpd_at, _load_avg, _torch_version
 
@@ -79,18 +78,21 @@ def parse_rank_runs(runs: str | Sequence[str] | None, ranks: int) -> list[RankRu
         [r.strip() for r in runs.split(",") if r.strip()] if isinstance(runs, str) else [str(r) for r in runs])
     if not names:
         raise UserError(f"--runs names no run; e.g. --runs {','.join(default_runs(ranks))}")
-    parsed = []
-    for name in names:
-        match = re.fullmatch(r"e2e|ddp(\d+)|pipeline(\d+)-(\w+)", name)
-        p = match and (match.group(1) or match.group(2))
-        if not match or (p and int(p) != ranks) or (match.group(3) and match.group(3) not in FINETUNE_MODES):
-            raise UserError(f"unknown run {name!r} for --ranks {ranks}: use "
-                            f"{', '.join(default_runs(ranks))}")
-        kind = "e2e" if name == "e2e" else "ddp" if name.startswith("ddp") else "pipeline"
-        parsed.append(RankRun(name, kind, 1 if kind == "e2e" else ranks, match.group(3)))
+    parsed = [_run_named(name, ranks) for name in names]
     if len({r.name for r in parsed}) != len(parsed):
         raise UserError(f"--runs names a run twice: {','.join(names)}")
     return parsed
+
+
+def _run_named(name: str, ranks: int) -> RankRun:
+    if name == "e2e":
+        return RankRun(name, "e2e", 1)
+    if name == f"ddp{ranks}":
+        return RankRun(name, "ddp", ranks)
+    mode = name.removeprefix(f"pipeline{ranks}-")
+    if mode != name and mode in FINETUNE_MODES:
+        return RankRun(name, "pipeline", ranks, mode)
+    raise UserError(f"unknown run {name!r} for --ranks {ranks}: use {', '.join(default_runs(ranks))}")
 
 
 def parse_seeds(seeds: str | Sequence[int] | None, default: int) -> list[int]:
@@ -123,13 +125,13 @@ def threads_per_rank(cfg: Config, ranks: int) -> int:
 
 
 def rank_run_config(cfg: Config, run: RankRun, seed: int, threads: int, ranks: int) -> Config:
-    """The config of one run: ``threads`` per rank; one device gets the threads of all ``ranks``: the same cores."""
-    sets = [f"train.seed={seed}"]
+    """The config of one run: ``threads`` per process. One device is one of the P devices the ranks have:
+    one process with one rank's threads (on CPUs, a model this small gains nothing from more threads)."""
+    sets = [f"train.seed={seed}", f"train.threads={threads}"]
     if run.kind == "pipeline":
-        sets += ["train.schedule=pipeline", f"parts.count={ranks}", f"distributed.finetune={run.finetune}",
-                 f"train.threads={threads}"]
+        sets += ["train.schedule=pipeline", f"parts.count={ranks}", f"distributed.finetune={run.finetune}"]
     else:
-        sets += ["train.schedule=e2e", "parts.count=1", f"train.threads={threads * (ranks if run.kind == 'e2e' else 1)}"]
+        sets += ["train.schedule=e2e", "parts.count=1"]
     return with_overrides(cfg, sets)
 
 
@@ -244,7 +246,7 @@ def compare_ranks(cfg: Config, ranks: int, out: str | Path, runs: str | Sequence
     work = Path(work_dir) if work_dir is not None else out / "runs"
     work.mkdir(parents=True, exist_ok=True)
     results = {"command": command, "ranks": ranks, "seeds": seed_list, "bandwidth": bandwidth,
-               "threads_per_rank": threads, "one_device_threads": threads * ranks,
+               "threads_per_rank": threads, "one_device_threads": threads,
                "order": [run.key(seed, seed_list) for run, seed in order], "config": cfg.to_dict(),
                "machine": {"cpus": os.cpu_count(), "torch": _torch_version()}, "load": {"start": _load_avg()},
                "work_dir": str(work), "runs": {}}
