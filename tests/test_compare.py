@@ -103,16 +103,17 @@ def test_runs_share_the_budget_and_differ_as_asked(library_run):
     assert 'schedule = "sequential"' in config and "count = 2" in config
 
 
-def test_rerun_reuses_finished_runs_and_retrains_an_interrupted_one(library_run, tmp_path):
+def test_rerun_reuses_finished_runs_and_resumes_an_interrupted_one(library_run, tmp_path):
     tmp, first, _ = library_run
-    # pretend alternate3 was killed: no summary.json
+    # pretend alternate3 was killed after its last epoch's checkpoint: no summary.json
     (tmp / "runs" / "alternate3" / "summary.json").unlink()
     messages = []
     again = compare(from_dict(TINY), tmp / "report", work_dir=tmp / "runs", log=messages.append)
     assert again["runs"]["e2e"]["reused"] and again["runs"]["pipeline2"]["reused"]
     assert not again["runs"]["alternate3"]["reused"]
-    assert any("alternate3: training" in m for m in messages)
-    # deterministic: the retrained run gives the same bits/dim
+    assert any("alternate3: resuming" in m for m in messages)
+    assert json.loads((tmp / "runs" / "alternate3" / "summary.json").read_text())["resumed_from_step"] == 6
+    # deterministic: the resumed run gives the same bits/dim
     assert again["runs"]["alternate3"]["test_bpd"] == pytest.approx(first["runs"]["alternate3"]["test_bpd"], abs=1e-6)
     assert again["runs"]["e2e"]["train_seconds"] == first["runs"]["e2e"]["train_seconds"]
 
