@@ -31,6 +31,7 @@ so a throttled comparison favours DDP, and the report says so.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -184,8 +185,6 @@ def _tail(path: Path, lines: int = 3) -> str:
 def train_rank_run(run: RankRun, seed: int, run_cfg: Config, run_dir: Path, bandwidth: float, force: bool,
                    log: Log) -> dict:
     """Train (or reuse, or resume) one run of the comparison; its entry of the results."""
-    import json  # noqa: PLC0415
-
     start = start_mode(run_dir, run_cfg, force)
     entry = {"name": run.name, "kind": run.kind, "ranks": run.ranks, "finetune": run.finetune, "seed": seed,
              "run_dir": str(run_dir), "start": start, "bandwidth": bandwidth if run.kind == "pipeline" else 0.0}
@@ -307,6 +306,8 @@ def _against(row: dict, ref: dict, time_limit: float) -> dict:
     cpu = row["cpu_seconds"] / ref["cpu_seconds"] if row["cpu_seconds"] and ref["cpu_seconds"] else None
     at_equal = (row["bpd_at_equal_seconds"] - ref["bpd_at_equal_seconds"]
                 if None not in (row["bpd_at_equal_seconds"], ref["bpd_at_equal_seconds"]) else None)
-    return {"bpd_diff": diff, "time_ratio": ratio, "cpu_ratio": cpu, "bpd_diff_at_equal_seconds": at_equal,
+    ema = row["test_bpd_ema"] - ref["test_bpd_ema"] if None not in (row["test_bpd_ema"], ref["test_bpd_ema"]) else None
+    return {"bpd_diff": diff, "bpd_diff_ema": ema, "time_ratio": ratio, "cpu_ratio": cpu,
+            "bpd_diff_at_equal_seconds": at_equal,
             "bpd_within": diff <= CLAIM_BPD, "time_limit": time_limit,
             "held": bool(diff <= CLAIM_BPD and ratio is not None and ratio <= time_limit)}

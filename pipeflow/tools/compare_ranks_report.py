@@ -117,7 +117,7 @@ def _caveats(results: dict) -> list[str]:
                      "`PacedAllReduce` is not wired into it), nor is DDP fine-tuning. This favours DDP.")
     lines += ["- The by-parts phase's evaluation is the pipeline's own (stage by stage); the averaged weights (EMA) "
               "are evaluated only where one process holds the whole model (one device, DDP, fine-tuning with ddp "
-              "or rank0).",
+              "or rank0); for a by-parts run the average starts with fine-tuning.",
               "- A resumed run's CPU seconds cover its last attempt only (`cpu_covers_last_attempt_only`).",
               f"- Load average when the comparison started: {results['load'].get('start')}, at its end: "
               f"{results['load'].get('end', '-')} ({results['machine']['cpus']} CPUs).", ""]
