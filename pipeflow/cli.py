@@ -165,7 +165,14 @@ def compare(
                              help="Directory for report.md, compare.json, plots/, samples/."),
     runs: Optional[str] = typer.Option(None, "--runs", help="Comma-separated runs: e2e and <schedule><parts>, "
                                        "e.g. e2e,alternate2,pipeline3 "
-                                       "(default: e2e, alternate2/3, pipeline2/3, sequential2)."),
+                                       "(default: e2e, alternate2/3, pipeline2/3, sequential2); with --ranks P: "
+                                       "e2e, ddpP, pipelineP-ddp, pipelineP-rank0, pipelineP-pipeline (default: all)."),
+    ranks: Optional[int] = typer.Option(None, "--ranks", help="P >= 2: by parts on P ranks against DDP on P ranks and "
+                                        "one device, as real processes (torchrun)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="With --ranks: every run once per seed, e.g. 0,1, "
+                                        "in A B B A order (default: train.seed)."),
+    bandwidth: float = typer.Option(0.0, "--bandwidth", help="With --ranks: pace the pipeline's sends to BYTES_PER_S "
+                                    "(DDP's all-reduces are not paced)."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir",
                                             help="Where the runs themselves go (default: --out/<run>)."),
     force: bool = typer.Option(False, "--force", help="Train every run again instead of reusing finished ones."),
@@ -182,6 +189,8 @@ def compare(
 
     cfg = _config(config, set_)
     command = "pipeflow compare " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "compare" else None
+    if ranks is not None or seeds is not None or bandwidth:
+        return _compare_ranks(cfg, ranks, out, runs, seeds, bandwidth, work_dir, force, None if quiet else log, command)
     results = run_compare(cfg, out, runs=runs, work_dir=work_dir, force=force,
                           log=None if quiet else log, command=command)
     table = Table(title=f"pipeflow compare in {out}")
@@ -199,6 +208,30 @@ def compare(
     held = results["claim"].get("held")
     table.caption = (f"claim: {results['claim']['text']} -- "
                      f"{'held' if held else 'not held' if held is not None else 'not checked'} (alternate runs)")
+    make_console().print(table)
+    print(f"report: {out / 'report.md'}")
+
+
+def _compare_ranks(cfg, ranks, out, runs, seeds, bandwidth, work_dir, force, log, command) -> None:
+    """``pipeflow compare --ranks P``: the runs side by side, bits/dim and seconds."""
+    from pipeflow.tools.compare_ranks import compare_ranks  # noqa: PLC0415
+
+    if ranks is None:
+        raise UserError("--seeds and --bandwidth go with --ranks P (a comparison across P ranks)")
+    results = compare_ranks(cfg, ranks, out, runs=runs, seeds=seeds, bandwidth=bandwidth, work_dir=work_dir,
+                            force=force, log=log, command=command)
+    table = Table(title=f"pipeflow compare --ranks {ranks} in {out}")
+    for col in ("run", "final bpd", "EMA bpd", "train s", "CPU s", "bpd at equal wall-clock", "vs DDP",
+                "vs one device"):
+        table.add_column(col, justify="right")
+    fmt = lambda x, f: "-" if x is None else f.format(x)  # noqa: E731
+    for name, row in results["verdict"].items():
+        vs = [fmt(row[k]["bpd_diff"], "{:+.4f}") + fmt(row[k]["time_ratio"], " / {:.2f}x") if row.get(k) else "-"
+              for k in ("vs_ddp", "vs_e2e")]
+        table.add_row(name, fmt(row["test_bpd"], "{:.4f}"), fmt(row["test_bpd_ema"], "{:.4f}"),
+                      fmt(row["train_seconds"], "{:.1f}"), fmt(row["cpu_seconds"], "{:.1f}"),
+                      fmt(row["bpd_at_equal_seconds"], "{:.4f}"), *vs)
+    table.caption = "bits/dim: lower is better; vs: bits/dim difference / training-time ratio (means over the seeds)"
     make_console().print(table)
     print(f"report: {out / 'report.md'}")
 

@@ -87,6 +87,7 @@ class TrainConfig:
     temperature: float = 0.7
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     compile: bool = False  # torch.compile each part's training step (forward + objective); minutes on a CPU
+    eval_ema: float = 0.0  # 0 < d < 1: also evaluate an EMA of the weights (decay d), see pipeflow.averaging
 
 
 @dataclass
@@ -253,6 +254,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"train.feed_ema applies to the pipeline and alternate schedules, not {t.schedule!r}")
     if not cfg.distributed.timeout_s > 0:
         raise UserError(f"distributed.timeout_s = {cfg.distributed.timeout_s} must be positive")
+    if not 0.0 <= t.eval_ema < 1.0:
+        raise UserError(f"train.eval_ema = {t.eval_ema} must be at least 0 and below 1 (0: off)")
     if p.count > m.levels * m.steps:
         raise UserError(f"parts.count = {p.count} is more than the {m.levels * m.steps} flow steps of the model")
     if t.schedule == "sequential" and t.by_parts_epochs and t.by_parts_epochs < p.count:

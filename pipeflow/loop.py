@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from pipeflow.averaging import WeightAverage
 from pipeflow.distributed.transport import EVAL, EVAL_END, INIT, STOP, TRAIN, Inbox, Message
 from pipeflow.objective import PartOutput
 from pipeflow.part_trainer import PartTrainer
@@ -72,6 +73,7 @@ class Tally:
     seconds: float = 0.0  # training time: waiting included, evaluation and checkpoint writes not
     busy_seconds: float = 0.0  # inside the parts' forward, backward and update
     test_bpd: float | None = None  # after the phase's latest evaluation (of the last local part)
+    test_bpd_ema: float | None = None  # the same on the averaged weights (Chain.average), if any
     skipped: int = 0  # steps skipped for a non-finite loss or gradient (counted at the phase's end)
 
     @property
@@ -89,6 +91,7 @@ class Chain:
     first_epoch: int = 0  # the phase's first epoch in the whole run
     alternate_every: int = 0
     first_step: int = 0  # steps the run had done before this phase
+    average: WeightAverage | None = None  # averaged weights, updated every step, evaluated beside the raw ones
 
     def active(self, msg: Message) -> list[int]:
         return active_parts(self.schedule, len(self.trainers), msg.epoch - self.first_epoch,
@@ -143,6 +146,8 @@ def run_loop(chain: Chain, stream: Iterable[Message], tally: Tally, hooks: Hooks
             for hook in hooks.before_step:
                 hook(msg)
             out, records = _train(chain, msg, tally, phase)
+            if chain.average is not None:
+                chain.average.update()
             clock.count()
             _emit(chain, records, hooks, log_every)
         elif msg.kind in (INIT, EVAL):
@@ -151,11 +156,13 @@ def run_loop(chain: Chain, stream: Iterable[Message], tally: Tally, hooks: Hooks
             outs = forward_chain(chain.trainers, msg.h, msg.carry)
             out = outs[-1]
             if msg.kind == EVAL:
-                batch = torch.stack([o.prefix_bpd.double().sum() for o in outs])
+                batch = _eval_sums(chain, msg, outs)
                 sums = batch if sums is None else sums + batch
                 count += msg.rows
         elif msg.kind == EVAL_END:
-            _evaluated(msg, sums.tolist() if sums is not None else [0.0] * len(chain.trainers), count, tally, hooks)
+            width = len(chain.trainers) * (2 if chain.average is not None else 1)
+            _evaluated(msg, sums.tolist() if sums is not None else [0.0] * width, count, tally, hooks,
+                       len(chain.trainers))
             sums, count = None, 0
             clock.skip()
         if hooks.send is not None:
@@ -194,11 +201,22 @@ def _emit(chain: Chain, records: list[tuple[int, dict]], hooks: Hooks, log_every
             hooks.log({**record, "wall": time.time()})
 
 
-def _evaluated(msg: Message, sums: list[float], count: int, tally: Tally, hooks: Hooks) -> None:
+def _eval_sums(chain: Chain, msg: Message, outs: list[PartOutput]) -> torch.Tensor:
+    """Summed prefix bits/dim after each local part; then, with averaged weights, the same on them."""
+    sums = [o.prefix_bpd.double().sum() for o in outs]
+    if chain.average is not None:
+        with chain.average.applied():
+            sums += [o.prefix_bpd.double().sum() for o in forward_chain(chain.trainers, msg.h, msg.carry)]
+    return torch.stack(sums)
+
+
+def _evaluated(msg: Message, sums: list[float], count: int, tally: Tally, hooks: Hooks, parts: int) -> None:
     if hooks.pool is not None:
         sums, count = hooks.pool(sums, count)
     means = [s / max(count, 1) for s in sums]
+    means, averaged = means[:parts], means[parts:]  # the raw weights', then the averaged ones' (if any)
     tally.test_bpd = means[-1] if means else None
+    tally.test_bpd_ema = averaged[-1] if averaged else None
     if hooks.on_eval:
         hooks.on_eval(msg, means)
 

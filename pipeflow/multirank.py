@@ -45,6 +45,7 @@ from pipeflow.loop import Chain, DataStream, Hooks, Tally, evaluate, inbox_strea
 from pipeflow.objective import part_objective
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
 from pipeflow.parts import whole_model_part
+from pipeflow.averaging import weight_average
 from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
 from pipeflow.state import (Checkpointer, RunState, checkpointing, evaluated, is_checkpoint_step, newest_entry_check,
                             restore, summary)
@@ -542,7 +543,8 @@ def _finetune_loop(rr: RankRun, phase: Phase, trainer: PartTrainer, ddp: bool) -
 
     hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=on_eval,
                   after_step=[stepped, *rr.ctx.step_hooks], pool=pool if ddp else None)
-    chain = Chain([trainer], "e2e", phase.epochs, first_epoch, 0, first_epoch * rr.steps_per_epoch)
+    chain = Chain([trainer], "e2e", phase.epochs, first_epoch, 0, first_epoch * rr.steps_per_epoch,
+                  weight_average(rr.run.model, cfg.train.eval_ema))
     run_loop(chain, data.phase(first_epoch, phase.epochs, state.step), state.tally(phase.name), hooks, phase.name,
              cfg.train.log_every, on_time=lambda s: setattr(state, "train_seconds", state.train_seconds + s))
 

@@ -152,6 +152,8 @@ def evaluated(state: RunState, log: RunLog | None, phase: str, epoch: int, step:
     ``train.samples``) a sample grid. The same record from every mode; returns it."""
     record = {"kind": "eval", "phase": phase, "epoch": epoch + 1, "test_bpd": means[-1], "test_prefix_bpd": means,
               "train_seconds": state.train_seconds, "step": step}
+    if cfg is not None and cfg.train.eval_ema:  # the averaged weights' too (see pipeflow.averaging)
+        record["test_bpd_ema"] = state.tally(phase).test_bpd_ema
     state.history.append(record)
     state.tally(phase).test_bpd = means[-1]
     if log is not None:

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from pipeflow.averaging import WeightAverage, weight_average
 from pipeflow.build import Run, build_run, resolve_device
 from pipeflow.checkpoint import CheckpointStore, save_model
 from pipeflow.config import Config
@@ -80,8 +81,9 @@ def diverged_hint(exc: BaseException, store: CheckpointStore) -> str:
 
 
 def run_phases(phases: list[Phase], state: RunState, stream: DataStream, hooks: Callable[[Phase], Hooks],
-               cfg: Config, init: torch.Tensor | None) -> None:
-    """Drive each phase through the loop, from where ``state`` stands; ``init`` starts a fresh run."""
+               cfg: Config, init: torch.Tensor | None, average: WeightAverage | None = None) -> None:
+    """Drive each phase through the loop, from where ``state`` stands; ``init`` starts a fresh run.
+    ``average``: the model's averaged weights (``train.eval_ema``), carried through every phase."""
     t = cfg.train
     first_epoch = 0
     for p, phase in enumerate(phases):
@@ -95,7 +97,7 @@ def run_phases(phases: list[Phase], state: RunState, stream: DataStream, hooks: 
                 phase.trainers[0].carry_on_from(optimizer_states(phases[0].trainers))
             state.phase = phase.name
         chain = Chain(phase.trainers, phase.schedule, phase.epochs, first_epoch - phase.epochs, t.alternate_every,
-                      begins_at)
+                      begins_at, average)
         tally = state.tally(phase.name)
         run_loop(chain, stream.phase(chain.first_epoch, phase.epochs, state.step, init), tally, hooks(phase),
                  phase.name, t.log_every, on_time=lambda s: setattr(state, "train_seconds", state.train_seconds + s))
@@ -174,7 +176,7 @@ def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback |
     saver = Checkpointer(store, cfg, "train", device=device, metrics_bytes=log.tell)
     hooks = _OneDevice(run, state, log, saver, len(batches), on_step, on_epoch, after_step)
     try:
-        run_phases(phases, state, stream, hooks, cfg, init)
+        run_phases(phases, state, stream, hooks, cfg, init, weight_average(run.model, cfg.train.eval_ema))
     except TrainingDiverged as exc:
         raise TrainingDiverged(diverged_hint(exc, store)) from None
     finally:

@@ -103,16 +103,17 @@ def test_runs_share_the_budget_and_differ_as_asked(library_run):
     assert 'schedule = "sequential"' in config and "count = 2" in config
 
 
-def test_rerun_reuses_finished_runs_and_retrains_an_interrupted_one(library_run, tmp_path):
+def test_rerun_reuses_finished_runs_and_resumes_an_interrupted_one(library_run, tmp_path):
     tmp, first, _ = library_run
-    # pretend alternate3 was killed: no summary.json
+    # pretend alternate3 was killed after its last epoch's checkpoint: no summary.json
     (tmp / "runs" / "alternate3" / "summary.json").unlink()
     messages = []
     again = compare(from_dict(TINY), tmp / "report", work_dir=tmp / "runs", log=messages.append)
     assert again["runs"]["e2e"]["reused"] and again["runs"]["pipeline2"]["reused"]
     assert not again["runs"]["alternate3"]["reused"]
-    assert any("alternate3: training" in m for m in messages)
-    # deterministic: the retrained run gives the same bits/dim
+    assert any("alternate3: resuming" in m for m in messages)
+    assert json.loads((tmp / "runs" / "alternate3" / "summary.json").read_text())["resumed_from_step"] == 6
+    # deterministic: the resumed run gives the same bits/dim
     assert again["runs"]["alternate3"]["test_bpd"] == pytest.approx(first["runs"]["alternate3"]["test_bpd"], abs=1e-6)
     assert again["runs"]["e2e"]["train_seconds"] == first["runs"]["e2e"]["train_seconds"]
 
@@ -222,6 +223,11 @@ def test_cli_compare(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--runs", "bogus2"], "unknown run 'bogus2'"),
     (["--set", "train.by_parts_epochs=1", "--runs", "sequential3"], "sequential"),
+    (["--ranks", "1"], "at least 2"),
+    (["--seeds", "0,1"], "go with --ranks"),
+    (["--ranks", "2", "--runs", "e2e,ddp3"], "unknown run 'ddp3'"),
+    (["--ranks", "2", "--seeds", "0,x"], "--seeds expects"),
+    (["--ranks", "2", "--bandwidth", "-1"], "--bandwidth"),
 ])
 def test_cli_compare_bad_input_is_one_line(tmp_path, args, message):
     config = tmp_path / "tiny.toml"
@@ -233,3 +239,122 @@ def test_cli_compare_bad_input_is_one_line(tmp_path, args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "e2e").exists()  # nothing trained before the error
+
+
+# --- pipeflow compare --ranks P: real processes ------------------------------------------------------
+
+RANKS_TINY = {**TINY, "data": {"dataset": "digits", "train_limit": 96, "test_limit": 32},
+              "train": {**TINY["train"], "by_parts_epochs": 1, "finetune_epochs": 1, "steps_per_epoch": 3,
+                        "samples": 0, "eval_ema": 0.9},
+              "distributed": {"timeout_s": 60}}
+RANKS_RUNS = "e2e,ddp2,pipeline2-ddp"
+
+
+def compare_ranks_cli(tmp: Path, *extra) -> subprocess.CompletedProcess:
+    config = tmp / "ranks.toml"
+    config.write_text("\n".join(f"[{section}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items())
+                                for section, keys in RANKS_TINY.items()))
+    args = ["compare", "--ranks", "2", "--runs", RANKS_RUNS, "--config", config, "--out", tmp / "report",
+            "--work-dir", tmp / "runs", *extra]
+    return subprocess.run([sys.executable, "-m", "pipeflow.cli", *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def ranks_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare_ranks")
+    result = compare_ranks_cli(tmp)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return tmp, result, json.loads((tmp / "report" / "compare.json").read_text())
+
+
+def test_compare_ranks_trains_the_three_kinds_as_processes(ranks_run):
+    tmp, result, results = ranks_run
+    assert results["complete"] is True and results["ranks"] == 2
+    assert list(results["runs"]) == ["e2e", "ddp2", "pipeline2-ddp"] == results["order"]
+    kinds = {k: (e["kind"], e["ranks"]) for k, e in results["runs"].items()}
+    assert kinds == {"e2e": ("e2e", 1), "ddp2": ("ddp", 2), "pipeline2-ddp": ("pipeline", 2)}
+    for key, e in results["runs"].items():
+        assert e["returncode"] == 0 and e["start"] == "fresh"
+        assert e["cpu_seconds"] > 0 and e["process_wall_seconds"] > e["train_seconds"] > 0
+        assert [r["images"] for r in e["history"]] == [48, 96]  # 3 steps of the global batch of 16 per epoch
+        assert (tmp / "runs" / key / "summary.json").is_file()
+    launched = "torch.distributed.run --standalone --nproc_per_node=2 -m pipeflow.launch"
+    assert launched in results["runs"]["ddp2"]["command"]
+    assert "pipeflow.cli train" in results["runs"]["e2e"]["command"]
+    phases = [r["phase"] for r in results["runs"]["pipeline2-ddp"]["history"]]
+    assert phases == ["by_parts", "finetune"]
+    # the same data, seed, initial weights and global batch: DDP on 2 ranks computes what one device does
+    assert results["runs"]["ddp2"]["test_bpd"] == pytest.approx(results["runs"]["e2e"]["test_bpd"], abs=1e-3)
+    assert results["threads_per_rank"] == 1 and results["one_device_threads"] == 1
+
+
+def test_compare_ranks_report_holds_the_verdict_and_every_figure(ranks_run):
+    tmp, result, results = ranks_run
+    verdict = results["verdict"]
+    assert set(verdict) == {"e2e", "ddp2", "pipeline2-ddp"}
+    by_parts = verdict["pipeline2-ddp"]
+    assert by_parts["vs_ddp"]["bpd_diff"] == pytest.approx(by_parts["test_bpd"] - verdict["ddp2"]["test_bpd"])
+    ratio = by_parts["train_seconds"] / verdict["e2e"]["train_seconds"]
+    assert by_parts["vs_e2e"]["time_ratio"] == pytest.approx(ratio)
+    fastest = min(e["train_seconds"] for e in results["runs"].values())
+    assert all(e["equal_seconds"] == fastest for e in results["runs"].values())
+    # EMA beside the raw weights where one process holds the whole model
+    assert all(r.get("test_bpd_ema") is not None for r in results["runs"]["ddp2"]["history"])
+    assert results["runs"]["pipeline2-ddp"]["history"][-1]["test_bpd_ema"] is not None
+    report = (tmp / "report" / "report.md").read_text()
+    assert "## Verdict" in report and "at equal wall-clock" in report and "![plots/bpd.png](plots/bpd.png)" in report
+    assert results["command"] in report and is_png(tmp / "report" / "plots" / "bpd.png")
+    assert "pipeline2-ddp" in result.stdout and "report.md" in result.stdout
+
+
+def test_compare_ranks_reuses_finished_runs_and_resumes_an_unfinished_one(ranks_run):
+    tmp, _, first = ranks_run
+    (tmp / "runs" / "pipeline2-ddp" / "summary.json").unlink()  # killed after its last checkpoint
+    result = compare_ranks_cli(tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((tmp / "report" / "compare.json").read_text())
+    assert [again["runs"][k]["start"] for k in again["order"]] == ["reuse", "reuse", "resume"]
+    assert "pipeline2-ddp: resuming" in result.stderr and "--resume auto" in again["runs"]["pipeline2-ddp"]["command"]
+    assert again["runs"]["ddp2"]["train_seconds"] == first["runs"]["ddp2"]["train_seconds"]  # not trained again
+    assert again["runs"]["pipeline2-ddp"]["test_bpd"] == pytest.approx(first["runs"]["pipeline2-ddp"]["test_bpd"],
+                                                                     abs=1e-6)
+
+
+def test_runs_are_ordered_a_b_b_a_over_the_seeds():
+    from pipeflow.tools.compare_ranks import parse_rank_runs, run_order
+
+    plan = parse_rank_runs("e2e,ddp2", 2)
+    order = [(run.key(seed, [0, 1]), seed) for run, seed in run_order(plan, [0, 1])]
+    assert order == [("e2e-seed0", 0), ("ddp2-seed0", 0), ("ddp2-seed1", 1), ("e2e-seed1", 1)]
+    three = run_order(parse_rank_runs(None, 2)[:3], [0, 1])
+    positions = {}
+    for i, (run, _) in enumerate(three):
+        positions.setdefault(run.name, []).append(i)
+    assert len({sum(p) for p in positions.values()}) == 1  # every run has the same mean position in time
+
+
+@pytest.mark.parametrize("runs, ranks, message", [
+    ("ddp3", 2, "unknown run 'ddp3'"), ("pipeline2-foo", 2, "unknown run"), ("e2e,e2e", 2, "twice"),
+    (None, 1, "at least 2")])
+def test_compare_ranks_bad_runs(runs, ranks, message):
+    from pipeflow.tools.compare_ranks import parse_rank_runs
+
+    with pytest.raises(UserError, match=message):
+        parse_rank_runs(runs, ranks)
+
+
+def test_the_ema_of_decay_zero_is_the_raw_weights(tmp_path):
+    from pipeflow.train import train
+
+    def history(decay):
+        cfg = from_dict({**TINY, "train": {**TINY["train"], "samples": 0, "eval_ema": decay}})
+        return train(cfg, tmp_path / str(decay), force=True)["history"]
+
+    raw = history(1e-300)  # 0 switches the average off; a decay this small leaves 1 - decay == 1.0 exactly
+    assert [r["test_bpd_ema"] for r in raw] == [r["test_bpd"] for r in raw]
+    slow = history(0.9)
+    assert [r["test_bpd"] for r in slow] == [r["test_bpd"] for r in raw]  # the average never touches training
+    assert all(abs(r["test_bpd_ema"] - r["test_bpd"]) > 1e-4 for r in slow)
+    with pytest.raises(UserError, match="eval_ema"):
+        from_dict({"train": {"eval_ema": 1.0}})

@@ -13,7 +13,8 @@ each into ``work_dir/<run>/`` (``out/<run>/`` without a work dir), then writes i
 A run is named ``e2e`` (the baseline: ``by_parts_epochs + finetune_epochs`` epochs end to end) or
 ``<schedule><parts>`` with schedule ``alternate``, ``pipeline`` or ``sequential``: that many epochs by
 parts, then ``finetune_epochs`` end to end. Runs that already finished with the same config are
-reused, so an interrupted comparison continues where it stopped when run again.
+reused, and one that was interrupted (no ``summary.json``) resumes from its checkpoints, so an
+interrupted comparison continues where it stopped when run again.
 
 Wall-clock is the ``train_seconds`` of each run (training steps only: no evaluation, no sampling).
 On a shared machine it is noisy, so the CPU time of the training steps (``time.process_time``)
@@ -221,11 +222,16 @@ def _train_one(name: str, run_cfg: Config, run_dir: Path, force: bool, log: Log)
             f"after {record['train_seconds']:.1f} s of training")
 
     load_before = _load_avg()
-    log(f"{name}: training into {run_dir} (load average {load_before})")
-    # A run dir without summary.json is a run that was interrupted: it is ours to replace.
-    summary = train(run_cfg, run_dir, force=True, on_step=clock.on_step, on_epoch=on_epoch, after_step=clock.after_step)
+    # A run dir without summary.json is a run that was interrupted: with the same config it continues from its
+    # checkpoints; with another (or with force), it is ours to replace.
+    config = run_dir / "config.toml"
+    resume = not force and config.is_file() and config.read_text() == to_toml(run_cfg)
+    log(f"{name}: {'resuming' if resume else 'training'} into {run_dir} (load average {load_before})")
+    summary = train(run_cfg, run_dir, force=not resume, resume=resume, on_step=clock.on_step, on_epoch=on_epoch,
+                    after_step=clock.after_step)
+    # resumed: CPU seconds of the steps this invocation made, scaled to all the run's steps
     extra = {"cpu_seconds": clock.seconds(summary["steps"]), "cpu_history": clock.history,
-             "load_before": load_before, "load_after": _load_avg()}
+             "load_before": load_before, "load_after": _load_avg(), "resumed_from_step": summary["resumed_from_step"]}
     atomic_write_json(run_dir / EXTRA_FILE, extra)
     return summary, extra, False
 
