@@ -24,6 +24,16 @@ import torch
 from torch import nn
 
 
+def fold(average: list[torch.Tensor], current: list[torch.Tensor], decay: float, n: int) -> None:
+    """One EMA step in place: ``average <- e * average + (1 - e) * current``, ``e = min(decay, (1 + n) / (10 + n))``.
+
+    The ramp (as TensorFlow's ExponentialMovingAverage has with ``num_updates``) keeps the first,
+    poor weights from weighing on the average for thousands of steps. Shared by the evaluated
+    average (here) and the averaged feed of :mod:`pipeflow.feed`.
+    """
+    torch._foreach_lerp_(average, current, 1.0 - min(decay, (1 + n) / (10 + n)))
+
+
 class WeightAverage:
     """An EMA of every parameter of ``module``, and a way to evaluate with it in their place."""
 
@@ -43,8 +53,7 @@ class WeightAverage:
         if self.shadow is None:
             self.shadow = [p.clone() for p in current]
         else:
-            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-            torch._foreach_lerp_(self.shadow, current, 1.0 - decay)
+            fold(self.shadow, current, self.decay, self.updates)
 
     @contextmanager
     def applied(self) -> Iterator[None]:

@@ -21,6 +21,7 @@ import copy
 import torch
 from torch import nn
 
+from pipeflow.averaging import fold
 from pipeflow.objective import PartLikelihood, PartOutput, part_objective
 
 
@@ -39,9 +40,8 @@ class EmaFeed:
         if self.average is None:
             self.average = copy.deepcopy(self.part).requires_grad_(False)
         else:
-            d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-            for avg, p in zip(self.average.parameters(), self.part.parameters(), strict=True):
-                avg.lerp_(p.detach(), 1.0 - d)
+            fold(list(self.average.parameters()), [p.detach() for p in self.part.parameters()], self.decay,
+                 self.updates)
             for avg, b in zip(self.average.buffers(), self.part.buffers(), strict=True):
                 avg.copy_(b)
         self.updates += 1

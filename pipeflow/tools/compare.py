@@ -236,6 +236,14 @@ def _train_one(name: str, run_cfg: Config, run_dir: Path, force: bool, log: Log)
     return summary, extra, False
 
 
+def output_dir(out: str | Path) -> Path:
+    """A comparison's output folder: refused if a file stands there (it is created when written)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a directory")
+    return out
+
+
 def compare(cfg: Config, out: str | Path, runs: str | Sequence[str] | None = None, work_dir: str | Path | None = None,
             force: bool = False, log: Log | None = None, command: str | None = None) -> dict:
     """Train every run in ``runs`` on ``cfg``'s data, seed and epoch budget; write the report into ``out``.
@@ -243,9 +251,7 @@ def compare(cfg: Config, out: str | Path, runs: str | Sequence[str] | None = Non
     Returns the results dict that is also written to ``out/compare.json``.
     """
     log = log or (lambda _msg: None)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} exists and is not a directory")
+    out = output_dir(out)
     work = Path(work_dir) if work_dir is not None else out
     plan = parse_runs(runs)
     if cfg.train.by_parts_epochs + cfg.train.finetune_epochs < 1:

@@ -44,7 +44,7 @@ from typing import Sequence
 from pipeflow.checkpoint import atomic_write_json
 from pipeflow.config import Config, to_toml, with_overrides
 from pipeflow.errors import UserError
-from pipeflow.tools.compare import CLAIM_BPD, Log, _bpd_at, _load_avg, _torch_version
+from pipeflow.tools.compare import CLAIM_BPD, Log, _bpd_at, _load_avg, _torch_version, output_dir
 
 FINETUNE_MODES = ("ddp", "rank0", "pipeline")
 # Target 2 of the issue: by parts + fine-tuning within CLAIM_BPD of DDP in at most 0.8 of its wall-clock
@@ -233,9 +233,7 @@ def compare_ranks(cfg: Config, ranks: int, out: str | Path, runs: str | Sequence
     from pipeflow.tools.compare_ranks_report import write_report  # noqa: PLC0415
 
     log = log or (lambda _msg: None)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} exists and is not a directory")
+    out = output_dir(out)
     if bandwidth < 0:
         raise UserError("--bandwidth must be 0 (unthrottled) or a positive number of bytes/s")
     plan, seed_list = parse_rank_runs(runs, ranks), parse_seeds(seeds, cfg.train.seed)
