@@ -12,6 +12,7 @@ run is reproducible and every pipeline rank can agree on what batch b is.
 
 from __future__ import annotations
 
+import itertools
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +215,10 @@ class Batches:
                 torch.rand((len(idx), *self.images.shape[1:]), generator=noise_gen)  # what dequantize would draw
                 continue
             yield dequantize(self.images[idx], self.levels, self.n_bits, noise_gen)
+
+    def first(self, count: int) -> list[torch.Tensor]:
+        """The first ``count`` batches of the run, epoch after epoch (epochs repeat if one is shorter)."""
+        return list(itertools.islice((x for e in itertools.count() for x in self.epoch(e)), count))
 
 
 def train_batches(data: ImageData, cfg_data: DataConfig, batch_size: int, seed: int, max_batches: int = 0) -> Batches:

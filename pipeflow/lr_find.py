@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import math
-from typing import Iterator
 
 import torch
 
@@ -75,20 +73,10 @@ def range_test(part, inputs: list[tuple[torch.Tensor, torch.Tensor]], cfg, num_d
     return pick_lr(lrs, losses), lrs[: len(losses)], losses
 
 
-def _batches(run, steps: int, device: torch.device) -> list[torch.Tensor]:
-    batches = run.train_batches()
-
-    def every_epoch() -> Iterator[torch.Tensor]:
-        for epoch in itertools.count():
-            yield from batches.epoch(epoch)
-
-    return [x.to(device) for x in itertools.islice(every_epoch(), steps)]
-
-
 def find_part_lrs(run, device: torch.device, steps: int) -> list[dict]:
     """Each part's range test (see the module's docstring): ``{"part", "lr", "lrs", "losses"}`` per part."""
     parts = copy.deepcopy(run.parts)  # the run's own parts stay as they are (shared layers stay shared)
-    xs = _batches(run, steps, device)
+    xs = [x.to(device) for x in run.train_batches().first(steps)]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         with torch.no_grad():  # every ActNorm initialises on the first batch, as the run's INIT does
             h = xs[0]

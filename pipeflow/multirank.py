@@ -346,7 +346,7 @@ def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer
     chain = Chain([trainer], "pipeline", cfg.train.by_parts_epochs)
     with guard(f"the gradient average of stage {topo.stage}", rr.timeout):
         run_loop(chain, stream, tally, hooks, "by_parts", cfg.train.log_every,
-                 on_time=lambda s: setattr(state, "train_seconds", state.train_seconds + s))
+                 on_time=state.count_seconds)
     if outbox is not None:
         outbox.close()
     tally.skipped = trainer.skipped
@@ -546,7 +546,7 @@ def _finetune_loop(rr: RankRun, phase: Phase, trainer: PartTrainer, ddp: bool) -
     chain = Chain([trainer], "e2e", phase.epochs, first_epoch, 0, first_epoch * rr.steps_per_epoch,
                   weight_average(rr.run.model, cfg.train.eval_ema))
     run_loop(chain, data.phase(first_epoch, phase.epochs, state.step), state.tally(phase.name), hooks, phase.name,
-             cfg.train.log_every, on_time=lambda s: setattr(state, "train_seconds", state.train_seconds + s))
+             cfg.train.log_every, on_time=state.count_seconds)
 
 
 def finish(rr: RankRun, phases: list[Phase], wall_start: float) -> dict | None:

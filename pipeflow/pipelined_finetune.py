@@ -211,7 +211,7 @@ def _run(rr: "RankRun", phase: "Phase", stepper: PipelinedTrainer, evaluate) -> 
                   record_extra={"rank": topo.rank, "replica": topo.replica})
     chain = Chain([stepper], "e2e", phase.epochs, first, 0, first * rr.steps_per_epoch)
     run_loop(chain, data.phase(first, phase.epochs, state.step), state.tally(phase.name), hooks, phase.name,
-             cfg.train.log_every, on_time=lambda s: setattr(state, "train_seconds", state.train_seconds + s))
+             cfg.train.log_every, on_time=state.count_seconds)
 
 
 def _evaluate(rr: "RankRun", phase: "Phase", module: nn.Module, group, epoch: int) -> None:

@@ -38,6 +38,10 @@ class RunState:
     ranks: list[dict] = field(default_factory=list)  # every rank's by-parts figures (multi-rank, rank 0)
     comm: dict[str, int] = field(default_factory=dict)  # bytes moved, by kind (multi-rank)
 
+    def count_seconds(self, seconds: float) -> None:
+        """Training time, as the loop measures it (its ``on_time`` hook)."""
+        self.train_seconds += seconds
+
     def tally(self, phase: str) -> Tally:
         return self.tallies.setdefault(phase, Tally())
 

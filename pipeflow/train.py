@@ -100,7 +100,7 @@ def run_phases(phases: list[Phase], state: RunState, stream: DataStream, hooks: 
                       begins_at, average)
         tally = state.tally(phase.name)
         run_loop(chain, stream.phase(chain.first_epoch, phase.epochs, state.step, init), tally, hooks(phase),
-                 phase.name, t.log_every, on_time=lambda s: setattr(state, "train_seconds", state.train_seconds + s))
+                 phase.name, t.log_every, on_time=state.count_seconds)
         tally.skipped = sum(tr.skipped for tr in phase.trainers)
         init = None
 

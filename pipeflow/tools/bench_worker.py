@@ -221,16 +221,7 @@ class Memory:
 def bench_batches(cfg: Config, batch: int, count: int, data: ImageData | None = None) -> list[torch.Tensor]:
     """The first ``count`` training batches of the config's data (epochs repeat if it has fewer)."""
     data = data or load_dataset(cfg.data)
-    batches = Batches(data.x_train, data.levels, cfg.data.n_bits, batch, cfg.train.seed)
-    out: list[torch.Tensor] = []
-    epoch = 0
-    while len(out) < count:
-        for x in batches.epoch(epoch):
-            out.append(x)
-            if len(out) == count:
-                break
-        epoch += 1
-    return out
+    return Batches(data.x_train, data.levels, cfg.data.n_bits, batch, cfg.train.seed).first(count)
 
 
 def _batches(spec: dict) -> list[torch.Tensor]:
