@@ -14,8 +14,6 @@ hang on another); 1 a failure at run time (a silent peer, a diverged loss).
 ``--resume auto`` continues the run in ``--out`` from its checkpoints. Under
 ``torchrun --max-restarts=K`` a restarted attempt (TORCHELASTIC_RESTART_COUNT > 0) always
 resumes, and ``--force`` clears the directory on the first attempt only.
-
-For tests only, PIPEFLOW_TEST_FAULT injects failures (see :mod:`pipeflow.faults`).
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
@@ -34,9 +33,11 @@ from pipeflow.distributed.process_group import RankEnv, join, leave
 from pipeflow.distributed.topology import Topology
 from pipeflow.distributed.transport import PeerSilent
 from pipeflow.errors import EXIT_USAGE, UserError
-from pipeflow.faults import fault_hooks, parse_faults
 from pipeflow.glow.invconv import SingularWeightError
 from pipeflow.part_trainer import TrainingDiverged
+
+if TYPE_CHECKING:
+    from pipeflow.multirank import RankHooks
 
 
 _group_started = False  # set once this process has (begun to) join a process group
@@ -65,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a run already in --out")
     p.add_argument("--resume", choices=("auto",), default=None,
                    help="auto: continue the run in --out from the newest step every rank has saved")
-    p.add_argument("--bandwidth", type=float, default=0.0, help="pace forward sends to this many bytes/s (0: unpaced)")
+    p.add_argument("--bandwidth", type=float, default=0.0,
+                   help="pace forward sends and DDP all-reduces to this many bytes/s per rank (0: unpaced)")
     return p
 
 
@@ -90,14 +92,14 @@ def _report(summary: dict | None, out: Path) -> None:
         f"forward {summary['comm']['forward_bytes']:,} B, backward {summary['comm']['backward_bytes']} B; run in {out}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks_for: Callable[[int, int], "RankHooks"] | None = None) -> int:
+    """One rank's run; ``hooks_for(rank, attempt)`` may add hooks to it (the tests' injected faults)."""
     args = _parser().parse_args(argv)
     who = RankEnv.from_environ()
     rank, world, attempt = who.rank, who.world, who.attempt
     resume = args.resume == "auto" or attempt > 0  # a restart continues its own run
     force = args.force and attempt == 0  # ... and never clears what the first attempt saved
     try:
-        faults = parse_faults(os.environ.get("PIPEFLOW_TEST_FAULT", ""), attempt)  # tests only
         overrides = [*args.overrides, *([f"distributed.backend={args.backend}"] if args.backend else [])]
         cfg = load_config(args.config, overrides, processes=world)  # parts.count left out: one part per process
         stages = 1 if cfg.train.schedule == "e2e" else cfg.parts.count
@@ -110,15 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // max(who.local_world, 1)))
         elif cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        from pipeflow.multirank import RankContext, train_multirank  # noqa: PLC0415
+        from pipeflow.multirank import RankContext, RankHooks, train_multirank  # noqa: PLC0415
 
         def announce(record: dict) -> None:
             say(f"[rank {rank}] by_parts epoch {record['epoch']}: stage {topo.stage} prefix "
                 f"{record['prefix_bpd']:.4f} bits/dim")
 
-        after_step, stream_filter, on_moment = fault_hooks(faults, rank)
-        ctx = RankContext(topo, device, args.bandwidth, (after_step,) if after_step else (), stream_filter,
-                          (on_moment,) if on_moment else ())
+        ctx = RankContext(topo, device, args.bandwidth, hooks_for(rank, attempt) if hooks_for else RankHooks())
         summary = train_multirank(cfg, ctx, args.out, force=force,
                                   on_eval=announce if topo.is_last and topo.replica == 0 else None, resume=resume)
         _report(summary, args.out)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def run() -> None:
+def run(hooks_for: Callable[[int, int], "RankHooks"] | None = None) -> None:
     """Run :func:`main` and end the process with its status.
 
     Once a process group exists, the interpreter's teardown is skipped (``os._exit``): with a
@@ -145,7 +145,7 @@ def run() -> None:
     done and saved. Before that (bad input found by each rank alone), the process ends as usual.
     """
     try:
-        code = main()
+        code = main(None, hooks_for)
     except BaseException:  # noqa: BLE001 (a bug: show it, and still never hang on teardown)
         import traceback  # noqa: PLC0415
 

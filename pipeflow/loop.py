@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -62,6 +63,14 @@ def forward_chain(trainers: Sequence[PartTrainer], h: torch.Tensor, carry: torch
         outs.append(out)
         h, carry = out.h, out.carry
     return outs
+
+
+class PhaseName(StrEnum):
+    """The phases of a run. Their values are what checkpoints, logs and summaries hold."""
+
+    BY_PARTS = "by_parts"
+    FINETUNE = "finetune"  # the glued flow, after the parts
+    E2E = "e2e"  # the whole flow from the start
 
 
 @dataclass

@@ -75,7 +75,9 @@ def range_test(part, inputs: list[tuple[torch.Tensor, torch.Tensor]], cfg, num_d
 
 def find_part_lrs(run, device: torch.device, steps: int) -> list[dict]:
     """Each part's range test (see the module's docstring): ``{"part", "lr", "lrs", "losses"}`` per part."""
-    parts = copy.deepcopy(run.parts)  # the run's own parts stay as they are (shared layers stay shared)
+    # the run's own parts stay as they are (shared layers stay shared); the copies all on ``device``
+    # (on a pipeline stage, the run's other parts wait on the host)
+    parts = [part.to(device) for part in copy.deepcopy(run.parts)]
     xs = [x.to(device) for x in run.train_batches().first(steps)]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         with torch.no_grad():  # every ActNorm initialises on the first batch, as the run's INIT does

@@ -23,7 +23,7 @@ import time
 from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -38,10 +38,10 @@ from pipeflow.distributed.collectives import (CollectiveWatch, agree, broadcast_
 from pipeflow.distributed.topology import Topology
 from pipeflow.distributed.transport import Counters, Inbox, Links, Message, Outbox, link_groups
 from pipeflow.errors import UserError
-from pipeflow.faults import StreamFilter
 from pipeflow.feed import attach_feeds
 from pipeflow.glow.model import is_initialized
-from pipeflow.loop import Chain, DataStream, Hooks, Tally, evaluate, inbox_stream, run_loop
+from pipeflow.lr_find import find_part_lrs
+from pipeflow.loop import Chain, DataStream, Hooks, PhaseName, Tally, evaluate, inbox_stream, run_loop
 from pipeflow.objective import part_objective
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
 from pipeflow.parts import whole_model_part
@@ -51,23 +51,34 @@ from pipeflow.state import (Checkpointer, RunState, checkpointing, evaluated, is
                             restore, summary)
 from pipeflow.train import Phase, diverged_hint
 
-FINETUNE_PHASES = ("finetune", "e2e")
+FINETUNE_PHASES = (PhaseName.FINETUNE, PhaseName.E2E)
 T = TypeVar("T")
+
+
+StreamFilter = Callable[[Iterable[Message]], Iterable[Message]]
+
+
+@dataclass(frozen=True)
+class RankHooks:
+    """What a caller may add to a rank's run: after each step, on its stream of messages, as a step of
+    the run begins ("gather", "finetune"). The tests inject their faults here."""
+
+    after_step: tuple[Callable[[Message], None], ...] = ()
+    stream_filter: StreamFilter | None = None
+    moments: tuple[Callable[[str], None], ...] = ()
 
 
 @dataclass
 class RankContext:
-    """What the launcher hands a rank: where it stands, its device, and hooks (tests inject faults here)."""
+    """What the launcher hands a rank: where it stands, its device, and the caller's hooks."""
 
     topo: Topology
     device: torch.device
     bandwidth: float = 0.0  # bytes/s to pace forward sends with (0: unpaced)
-    step_hooks: tuple[Callable[[Message], None], ...] = ()
-    stream_filter: StreamFilter | None = None
-    moment_hooks: tuple[Callable[[str], None], ...] = ()  # called as "gather" and "finetune" begin
+    hooks: RankHooks = field(default_factory=RankHooks)
 
     def entering(self, moment: str) -> None:
-        for hook in self.moment_hooks:
+        for hook in self.hooks.moments:
             hook(moment)
 
 
@@ -87,6 +98,7 @@ class RankRun:
     log: RunLog | None = None
     counters: Counters = field(default_factory=Counters)
     carried: dict = field(default_factory=dict)  # the parts' optimiser states, for fine-tuning to carry on
+    part_lrs: list[float] = field(default_factory=list)  # found by train.find_lr_steps (else from the config)
     watch: CollectiveWatch | None = None  # DDP's all-reduce, which fails out of sight
 
     @property
@@ -184,11 +196,11 @@ def plan_resume(manifests: list[list[dict]], topo: Topology,
         newest_entry_check(entries, "launch", topo.world, topo.stages, f"the checkpoints of rank {r}")
     finetune = _common_steps(manifests if finetune_per_rank else manifests[:1], FINETUNE_PHASES)
     if finetune:
-        return "finetune", max(finetune)
+        return PhaseName.FINETUNE, max(finetune)
     if finetune_per_rank and any(e["phase"] in FINETUNE_PHASES for entries in manifests for e in entries):
         raise UserError("no fine-tuning step is saved by every rank; raise checkpoint.keep (2 or more), "
                         "or pass --force to start afresh")
-    by_parts = [{e["step"] for e in entries if e["phase"] == "by_parts"} for entries in manifests]
+    by_parts = [{e["step"] for e in entries if e["phase"] == PhaseName.BY_PARTS} for entries in manifests]
     if not all(by_parts):
         return None  # some rank never saved a step: nothing is common, start afresh
     common = set.intersection(*by_parts)
@@ -196,7 +208,7 @@ def plan_resume(manifests: list[list[dict]], topo: Topology,
         held = "; ".join(f"rank {r}: {', '.join(map(str, sorted(s)))}" for r, s in enumerate(by_parts))
         raise UserError(f"no step is saved by every rank ({held}); raise checkpoint.keep, "
                         "or pass --force to start afresh")
-    return "by_parts", max(common)
+    return PhaseName.BY_PARTS, max(common)
 
 
 def _common_steps(manifests: list[list[dict]], phases: tuple[str, ...]) -> set[int]:
@@ -222,9 +234,6 @@ def agree_on_config(cfg: Config, ctx: RankContext, out: Path, force: bool, resum
                             "for data-parallel fine-tuning")
         if t.batch_size % topo.replicas:
             raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of the {topo.replicas} replicas")
-        if t.find_lr_steps:
-            raise UserError("train.find_lr_steps runs on one device only so far: find the rates with `pipeflow train` "
-                            "(its summary's part_lrs) and pass them here as train.part_lrs")
         pieces = topo.replicas * cfg.distributed.microbatches
         if cfg.distributed.finetune == "pipeline" and topo.stages > 1 and t.finetune_epochs and t.batch_size % pieces:
             raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of distributed.microbatches "
@@ -275,7 +284,7 @@ def plan_start(rr: RankRun, force: bool, resume: bool) -> None:
                                     lambda: plan_resume(manifests, topo, _pipelined(rr)))
     if rr.plan is not None:
         phase, step = rr.plan
-        mine_to_read = phase == "by_parts" or topo.rank == 0 or _pipelined(rr)
+        mine_to_read = phase == PhaseName.BY_PARTS or topo.rank == 0 or _pipelined(rr)
         rr.blob = every_rank_agrees("reading the checkpoints", rr, rr.timeout,
                                     lambda: rr.store.load(step, cfg) if mine_to_read else None)
         if phase in FINETUNE_PHASES and (cfg.distributed.finetune == "ddp" or topo.stages == 1):
@@ -300,7 +309,8 @@ def _stage_trainer(rr: RankRun, links: Links):
     if group is not None and rr.blob is None:  # replica 0's weights, not only the same seed (LAPACK can differ)
         with guard(f"the first weights of stage {topo.stage}", rr.timeout):
             broadcast_tensors(part.state_dict().values(), src=topo.stage_ranks(topo.stage)[0], group=group)
-    trainer = PartTrainer(part, rr.run.part_lr(topo.stage), cfg.train, rr.run.num_dims, rr.run.n_bins,
+    lr = rr.part_lrs[topo.stage] if rr.part_lrs else rr.run.part_lr(topo.stage)
+    trainer = PartTrainer(part, lr, cfg.train, rr.run.num_dims, rr.run.n_bins,
                           grad_hook=grad_hook, name=f"part {topo.stage} (rank {topo.rank})", agree=stage_agree)
     if not topo.is_last:
         attach_feeds([trainer], cfg.train.feed_ema)  # stage k sends its averaged weights' output
@@ -321,6 +331,18 @@ def _stage_stream(rr: RankRun, part: nn.Module, links: Links):
     return data.phase(0, t.by_parts_epochs, rr.state.step, init)
 
 
+def find_lrs(rr: RankRun) -> None:
+    """``train.find_lr_steps``: rank 0, which reads the data, runs every part's range test exactly as one
+    device does (on copies, from the initial weights), and tells every rank the rates."""
+    found = None
+    if rr.topo.rank == 0:
+        found = find_part_lrs(rr.run, rr.device, rr.cfg.train.find_lr_steps)
+        for record in found if rr.blob is None else []:
+            rr.log.log({"kind": "lr_find", **record})
+    with guard("finding the parts' learning rates", rr.timeout):
+        rr.part_lrs = [f["lr"] for f in broadcast_object(found)]
+
+
 def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer:
     """Train this rank's part in the forward-only pipeline; returns its trainer."""
     topo, cfg, state = rr.topo, rr.cfg, rr.state
@@ -333,19 +355,19 @@ def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer
         rr.counters = Counters(**rr.blob["counters"])
         if grad_hook is not None:
             grad_hook.bytes = state.comm.get("stage_allreduce_bytes", 0)
-    state.phase = "by_parts"
+    state.phase = PhaseName.BY_PARTS
     stream = _stage_stream(rr, part, links)
-    if rr.ctx.stream_filter is not None:
-        stream = rr.ctx.stream_filter(stream)
+    if rr.ctx.hooks.stream_filter is not None:
+        stream = rr.ctx.hooks.stream_filter(stream)
     outbox = None
     if not topo.is_last:
         outbox = Outbox(topo.rank, topo.next_rank, part.out_shape, rr.device, cfg.distributed.in_flight,
                         rr.ctx.bandwidth, rr.counters, rr.timeout, group=links.next)
-    tally = state.tally("by_parts")
+    tally = state.tally(PhaseName.BY_PARTS)
     hooks = _stage_hooks(rr, part, trainer, grad_hook, outbox, tally, on_eval)
     chain = Chain([trainer], "pipeline", cfg.train.by_parts_epochs)
     with guard(f"the gradient average of stage {topo.stage}", rr.timeout):
-        run_loop(chain, stream, tally, hooks, "by_parts", cfg.train.log_every,
+        run_loop(chain, stream, tally, hooks, PhaseName.BY_PARTS, cfg.train.log_every,
                  on_time=state.count_seconds)
     if outbox is not None:
         outbox.close()
@@ -378,7 +400,7 @@ def _stage_hooks(rr: RankRun, part, trainer, grad_hook, outbox, tally: Tally, on
         outbox.send(msg.kind, msg.epoch, msg.step, None if out is None else out.h, None if out is None else out.carry)
 
     return Hooks(log=lambda r: state.records.append({**r, "busy_fraction": tally.busy_fraction}),
-                 on_eval=evaluated, after_step=[stepped, *rr.ctx.step_hooks], send=send if outbox else None,
+                 on_eval=evaluated, after_step=[stepped, *rr.ctx.hooks.after_step], send=send if outbox else None,
                  record_extra={"replica": topo.replica, "rank": topo.rank})
 
 
@@ -407,7 +429,8 @@ def gather(rr: RankRun, trainer: PartTrainer) -> None:
 def _report(rr: RankRun) -> dict:
     """What a rank tells rank 0 after the by-parts phase."""
     topo, state = rr.topo, rr.state
-    return {"rank": topo.rank, "stage": topo.stage, "replica": topo.replica, "tally": asdict(state.tally("by_parts")),
+    return {"rank": topo.rank, "stage": topo.stage, "replica": topo.replica,
+            "tally": asdict(state.tally(PhaseName.BY_PARTS)),
             "records": state.records, "evals": state.evals, "counters": asdict(rr.counters),
             "allreduce_bytes": state.comm.get("stage_allreduce_bytes", 0)}
 
@@ -425,12 +448,12 @@ def _take_reports(rr: RankRun, reports: list[dict], gather_bytes: int) -> None:
             rr.log.log(record)
     state.records, state.evals = [], []
     for i, e in enumerate(reports[stages - 1]["evals"]):  # ranks 0..P-1 are replica 0's stages: they evaluate
-        record = {"kind": "eval", "phase": "by_parts", "epoch": e["epoch"], "test_bpd": e["prefix_bpd"],
+        record = {"kind": "eval", "phase": PhaseName.BY_PARTS, "epoch": e["epoch"], "test_bpd": e["prefix_bpd"],
                   "test_prefix_bpd": [reports[s]["evals"][i]["prefix_bpd"] for s in range(stages)],
                   "train_seconds": e["seconds"], "step": e["step"]}
         state.history.append(record)
         rr.log.log({**record, "wall": time.time()})
-    tally = state.tally("by_parts")
+    tally = state.tally(PhaseName.BY_PARTS)
     tally.seconds = max(r["tally"]["seconds"] for r in reports)
     tally.test_bpd = reports[stages - 1]["tally"]["test_bpd"]
     tally.skipped = sum(r["tally"]["skipped"] for r in reports if r["replica"] == 0)  # replicas skip together
@@ -439,7 +462,8 @@ def _take_reports(rr: RankRun, reports: list[dict], gather_bytes: int) -> None:
     state.comm = {"forward_bytes": sum(r["counters"]["forward_bytes"] for r in reports),
                   "backward_bytes": sum(r["counters"]["backward_bytes"] for r in reports),
                   "stage_allreduce_bytes": sum(r["allreduce_bytes"] for r in reports),
-                  "gather_bytes": gather_bytes, "finetune_allreduce_bytes": 0}
+                  "gather_bytes": gather_bytes, "finetune_allreduce_bytes": 0,
+                  "forward_paced_seconds": sum(r["counters"]["paced_seconds"] for r in reports)}
 
 
 def _rank_summary(r: dict) -> dict:
@@ -454,9 +478,9 @@ def _finetune_phase(rr: RankRun) -> Phase:
     """Fine-tuning after the parts, or (one stage) data-parallel end-to-end training from the start."""
     t, topo = rr.cfg.train, rr.topo
     if topo.stages == 1:
-        return Phase("e2e", t.by_parts_epochs + t.finetune_epochs, "ddp", [])
+        return Phase(PhaseName.E2E, t.by_parts_epochs + t.finetune_epochs, "ddp", [])
     schedule = {"rank0": "e2e", "ddp": "ddp", "pipeline": rr.cfg.distributed.pipeline_schedule}
-    return Phase("finetune", t.finetune_epochs, schedule[rr.cfg.distributed.finetune], [])
+    return Phase(PhaseName.FINETUNE, t.finetune_epochs, schedule[rr.cfg.distributed.finetune], [])
 
 
 def _whole_trainer(rr: RankRun, ddp: bool) -> PartTrainer:
@@ -491,7 +515,7 @@ def finetune(rr: RankRun, phase: Phase) -> None:
             dist.barrier()  # the others leave now: rank 0 fine-tunes alone, with no collective left to wait for
         if topo.rank != 0:
             return
-    rr.watch = CollectiveWatch(topo.world)
+    rr.watch = CollectiveWatch(topo.world, rr.ctx.bandwidth)  # --bandwidth paces the all-reduce too
     with guard("data-parallel fine-tuning" if ddp else "fine-tuning", rr.timeout, rr.watch):
         if ddp:
             rr.run.data = every_rank_agrees("loading the data", rr, rr.timeout,
@@ -521,6 +545,8 @@ def finetune(rr: RankRun, phase: Phase) -> None:
         if ddp:  # what DDP all-reduces: every gradient, every step (before the ring's 2(W-1)/W factor)
             steps = state.step - (cfg.train.by_parts_epochs * rr.steps_per_epoch if topo.stages > 1 else 0)
             state.comm["finetune_allreduce_bytes"] = 4 * sum(p.numel() for p in trainer.params) * steps
+            # how long --bandwidth held rank 0's buckets back (this attempt's, after a resume)
+            state.comm["finetune_paced_seconds"] = rr.watch.paced_seconds
 
 
 def _finetune_loop(rr: RankRun, phase: Phase, trainer: PartTrainer, ddp: bool) -> None:
@@ -542,7 +568,7 @@ def _finetune_loop(rr: RankRun, phase: Phase, trainer: PartTrainer, ddp: bool) -
         evaluated(state, rr.log, phase.name, msg.epoch, msg.step, means, rr.run.model, cfg)
 
     hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=on_eval,
-                  after_step=[stepped, *rr.ctx.step_hooks], pool=pool if ddp else None)
+                  after_step=[stepped, *rr.ctx.hooks.after_step], pool=pool if ddp else None)
     chain = Chain([trainer], "e2e", phase.epochs, first_epoch, 0, first_epoch * rr.steps_per_epoch,
                   weight_average(rr.run.model, cfg.train.eval_ema))
     run_loop(chain, data.phase(first_epoch, phase.epochs, state.step), state.tally(phase.name), hooks, phase.name,
@@ -562,13 +588,14 @@ def finish(rr: RankRun, phases: list[Phase], wall_start: float) -> dict | None:
         whole = PartTrainer(whole_model_part(rr.run.model), 1.0, cfg.train, rr.run.num_dims, rr.run.n_bins)
         final_bpd = evaluate([whole], rr.run.test_batches(), rr.device)[-1]
     comm = {"forward_bytes": 0, "backward_bytes": 0, "stage_allreduce_bytes": 0, "gather_bytes": 0,
-            "finetune_allreduce_bytes": 0, **state.comm}
+            "finetune_allreduce_bytes": 0, "forward_paced_seconds": 0.0, "finetune_paced_seconds": 0.0, **state.comm}
     result = summary(state, cfg, [ph for ph in phases if ph.epochs], final_bpd, time.perf_counter() - wall_start,
                      rr.device, cuts=[p.steps.start for p in rr.run.parts[1:]], parts=topo.stages,
                      skipped=sum(state.tally(ph.name).skipped for ph in phases),
                      resumed_from=rr.plan[1] if rr.plan else None,
                      schedule="pipeline" if topo.stages > 1 else "e2e", replicas=topo.replicas,
-                     world_size=topo.world, backend=dist.get_backend(), comm=comm, ranks=state.ranks)
+                     world_size=topo.world, backend=dist.get_backend(), comm=comm, ranks=state.ranks,
+                     part_lrs=rr.part_lrs or [rr.run.part_lr(k) for k in range(topo.stages)])
     rr.log.summary(result)
     return result
 
@@ -596,8 +623,10 @@ def _train_multirank(cfg: Config, ctx: RankContext, out: Path, force: bool, on_e
     plan_start(rr, force, resume)
     phases = [_finetune_phase(rr)]
     if rr.topo.stages > 1:
-        phases.insert(0, Phase("by_parts", cfg.train.by_parts_epochs, "pipeline", []))
+        phases.insert(0, Phase(PhaseName.BY_PARTS, cfg.train.by_parts_epochs, "pipeline", []))
         if cfg.train.by_parts_epochs and not (rr.plan and rr.plan[0] in FINETUNE_PHASES):
+            if cfg.train.find_lr_steps:
+                find_lrs(rr)
             trainer = by_parts(rr, on_eval)
             gather(rr, trainer)
     if not _pipelined(rr):

@@ -27,12 +27,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeflow.averaging import WeightAverage, weight_average
 from pipeflow.data import load_dataset
 from pipeflow.distributed.collectives import broadcast_object, gather_to_rank0, gradient_averager
 from pipeflow.distributed.pipelined import PipelinedStage, forward_only, pipeline_groups
 from pipeflow.distributed.transport import link_groups
 from pipeflow.glow.model import is_initialized
-from pipeflow.loop import Chain, DataStream, Hooks, run_loop
+from pipeflow.loop import Chain, DataStream, Hooks, PhaseName, run_loop
 from pipeflow.objective import LN2, PartLikelihood, PartOutput, bits_per_dim
 from pipeflow.state import RunState, checkpointing, evaluated, restore
 from pipeflow.part_trainer import PartTrainer
@@ -157,7 +158,7 @@ def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
     from pipeflow.multirank import every_rank_agrees  # noqa: PLC0415 (multirank dispatches here)
 
     topo, cfg = rr.topo, rr.cfg
-    resumed = rr.blob is not None and rr.plan[0] == "finetune"
+    resumed = rr.blob is not None and rr.plan[0] == PhaseName.FINETUNE
     if not resumed:
         initialise_if_fresh(rr)
     rr.run.data = every_rank_agrees("loading the data", rr, rr.timeout, lambda: rr.run.data or (
@@ -175,7 +176,9 @@ def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
     average = gradient_averager(stage_group, topo.replicas) if stage_group is not None else None
     rr.state.phase = phase.name
     stepper = PipelinedTrainer(trainer, pipe, average, topo.replicas, rr.device, rr.run.n_bins, rr.state)
-    _run(rr, phase, stepper, lambda msg, means: _evaluate(rr, phase, module, chain_group, msg.epoch))
+    average = weight_average(trainer.part, cfg.train.eval_ema)  # each stage averages its own part
+    _run(rr, phase, stepper, lambda msg, means: _evaluate(rr, phase, module, chain_group, msg.epoch, average),
+         average)
     rr.state.tally(phase.name).skipped = trainer.skipped
     sent = torch.tensor(stepper.count_bytes(rr.state), dtype=torch.float64)
     dist.all_reduce(sent)  # every rank's, for the summary
@@ -188,7 +191,7 @@ def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
     rr.state.comm["gather_bytes"] = rr.state.comm.get("gather_bytes", 0) + gather_on_rank0(rr)
 
 
-def _run(rr: "RankRun", phase: "Phase", stepper: PipelinedTrainer, evaluate) -> None:
+def _run(rr: "RankRun", phase: "Phase", stepper: PipelinedTrainer, evaluate, average: WeightAverage | None) -> None:
     """The one training loop over this stage: stage 0 reads its replica's rows, the others count steps."""
     topo, cfg, state = rr.topo, rr.cfg, rr.state
     rows = cfg.train.batch_size // topo.replicas
@@ -207,16 +210,29 @@ def _run(rr: "RankRun", phase: "Phase", stepper: PipelinedTrainer, evaluate) -> 
     stepped = checkpointing(state, rr.saver(), rr.steps_per_epoch, cfg.checkpoint.every_steps, owned)
 
     first = cfg.train.by_parts_epochs
-    hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=evaluate, after_step=[stepped, *rr.ctx.step_hooks],
+    averaged = [lambda msg: average.update()] if average is not None else []
+    hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=evaluate,
+                  after_step=[*averaged, stepped, *rr.ctx.hooks.after_step],
                   record_extra={"rank": topo.rank, "replica": topo.replica})
     chain = Chain([stepper], "e2e", phase.epochs, first, 0, first * rr.steps_per_epoch)
     run_loop(chain, data.phase(first, phase.epochs, state.step), state.tally(phase.name), hooks, phase.name,
              cfg.train.log_every, on_time=state.count_seconds)
 
 
-def _evaluate(rr: "RankRun", phase: "Phase", module: nn.Module, group, epoch: int) -> None:
-    """Forward only through replica 0's stages; the last one's mean bits/dim goes to rank 0's history."""
-    topo, state = rr.topo, rr.state
+def _evaluate(rr: "RankRun", phase: "Phase", module: nn.Module, group, epoch: int,
+              average: WeightAverage | None) -> None:
+    """The test bits/dim (and, with ``train.eval_ema``, the averaged weights') into rank 0's history."""
+    bpd = _test_bpd(rr, module, group)
+    if average is not None:
+        with average.applied():
+            rr.state.tally(phase.name).test_bpd_ema = _test_bpd(rr, module, group)
+    # (no samples: no rank holds the whole flow)
+    evaluated(rr.state, rr.log, phase.name, epoch, rr.state.step, [bpd], cfg=rr.cfg)
+
+
+def _test_bpd(rr: "RankRun", module: nn.Module, group) -> float | None:
+    """Forward only through replica 0's stages; the last one's mean bits/dim, on every rank."""
+    topo = rr.topo
     bpd = None
     if topo.replica == 0:
         part = rr.run.parts[topo.stage]
@@ -227,8 +243,7 @@ def _evaluate(rr: "RankRun", phase: "Phase", module: nn.Module, group, epoch: in
             total += float(bits_per_dim(logp, rr.run.num_dims, rr.run.n_bins).double().sum())
             count += len(logp)
         bpd = total / count if count else None
-    bpd = broadcast_object(bpd, src=topo.stages - 1)
-    evaluated(state, rr.log, phase.name, epoch, state.step, [bpd])  # (no samples: no rank holds the whole flow)
+    return broadcast_object(bpd, src=topo.stages - 1)
 
 
 def gather_on_rank0(rr: "RankRun") -> int:

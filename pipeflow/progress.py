@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipeflow.config import Config
+from pipeflow.loop import PhaseName
 
 UNBOUNDED_WIDTH = 100_000  # columns of a Console that writes to no terminal: wide enough for any table
 
@@ -65,8 +66,9 @@ class TrainingDisplay:
             self.task = self.progress.add_task("train", total=None, info="")
         info = (f"{record['phase']} part {record['part']} loss {record['loss']:.3f} "
                 f"prefix {record['prefix_bpd']:.3f} bpd")
-        self.progress.update(self.task, advance=1 if record["part"] == 0 or record["phase"] != "by_parts" else 0,
-                             description=f"epoch {record['epoch'] + 1}", info=info + self.last_eval)
+        first = record["part"] == 0 or record["phase"] != PhaseName.BY_PARTS  # one advance per step
+        self.progress.update(self.task, advance=1 if first else 0, description=f"epoch {record['epoch'] + 1}",
+                             info=info + self.last_eval)
 
     def on_epoch(self, record: dict) -> None:
         self.last_eval = f" | test {record['test_bpd']:.3f} bpd"

@@ -8,6 +8,7 @@ pipeline stage; the whole model in fine-tuning), never the schema.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -29,7 +30,7 @@ class RunState:
     """What a run has done so far; enough to continue it and to draw bits/dim against time."""
 
     step: int = 0  # training steps done, over the whole run
-    phase: str = ""  # the phase the run is in
+    phase: str = ""  # the phase the run is in (a PhaseName)
     train_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)  # evaluation records
     records: list[dict] = field(default_factory=list)  # step records held until rank 0 logs them (multi-rank)
@@ -46,7 +47,8 @@ class RunState:
         return self.tallies.setdefault(phase, Tally())
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "tallies": {k: asdict(v) for k, v in self.tallies.items()}}
+        """Plain data (phase names as strings: checkpoints load with ``weights_only``)."""
+        return json.loads(json.dumps({**asdict(self), "tallies": {k: asdict(v) for k, v in self.tallies.items()}}))
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunState":
@@ -67,7 +69,7 @@ class Checkpointer:
 
     def save(self, state: RunState, modules: Sequence[nn.Module], trainers: Sequence[PartTrainer],
              counters: dict | None = None) -> None:
-        self.store.save(state.step, state.phase, {
+        self.store.save(state.step, str(state.phase), {
             "entry": self.entry, "world": self.world, "stages": self.stages, "config": self.cfg.to_dict(),
             "run": state.to_dict(), "modules": [m.state_dict() for m in modules],
             "trainers": [t.state_dict() for t in trainers], "counters": counters,

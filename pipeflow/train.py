@@ -31,7 +31,7 @@ from pipeflow.config import Config
 from pipeflow.errors import UserError
 from pipeflow.feed import attach_feeds
 from pipeflow.lr_find import find_part_lrs
-from pipeflow.loop import Chain, DataStream, Hooks, evaluate, run_loop
+from pipeflow.loop import Chain, DataStream, Hooks, PhaseName, evaluate, run_loop
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
 from pipeflow.parts import whole_model_part
 from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
@@ -42,7 +42,7 @@ Callback = Callable[[dict], None]
 
 @dataclass
 class Phase:
-    name: str  # "by_parts", "finetune" or "e2e"
+    name: PhaseName
     epochs: int
     schedule: str
     trainers: list[PartTrainer]
@@ -56,12 +56,12 @@ def make_phases(run: Run, part_lrs: list[float] | None = None) -> list[Phase]:
         return PartTrainer(part, lr, t, run.num_dims, run.n_bins)
 
     if t.schedule == "e2e":
-        return [Phase("e2e", t.by_parts_epochs + t.finetune_epochs, "e2e", [trainer(run.parts[0], t.lr)])]
-    by_parts = Phase("by_parts", t.by_parts_epochs, t.schedule,
+        return [Phase(PhaseName.E2E, t.by_parts_epochs + t.finetune_epochs, "e2e", [trainer(run.parts[0], t.lr)])]
+    by_parts = Phase(PhaseName.BY_PARTS, t.by_parts_epochs, t.schedule,
                      [trainer(p, part_lrs[k] if part_lrs else run.part_lr(k)) for k, p in enumerate(run.parts)])
     attach_feeds(by_parts.trainers[:-1], t.feed_ema)  # every part that feeds another
     whole = trainer(whole_model_part(run.model), t.finetune_lr or t.lr)
-    finetune = Phase("finetune", t.finetune_epochs, "e2e", [whole])
+    finetune = Phase(PhaseName.FINETUNE, t.finetune_epochs, "e2e", [whole])
     return [by_parts, finetune]
 
 
@@ -93,7 +93,7 @@ def run_phases(phases: list[Phase], state: RunState, stream: DataStream, hooks: 
                 (state.step == first_epoch * stream.steps_per_epoch and state.phase != phase.name):
             continue  # over (or empty): a resumed run starts in the phase its checkpoint was taken in
         if state.phase != phase.name:  # the phase starts now
-            if phase.name == "finetune" and t.finetune_optimizer == "carry":
+            if phase.name == PhaseName.FINETUNE and t.finetune_optimizer == "carry":
                 phase.trainers[0].carry_on_from(optimizer_states(phases[0].trainers))
             state.phase = phase.name
         chain = Chain(phase.trainers, phase.schedule, phase.epochs, first_epoch - phase.epochs, t.alternate_every,

@@ -91,9 +91,11 @@ def pipeflow_in_process(*args):
 
 def torchrun(nproc: int, config: Path, out: Path, *extra, env: dict | None = None, restarts: int = 0,
              timeout: float = 240) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=NPROC -m pipeflow.launch --config CONFIG --out OUT EXTRA``."""
+    """``torchrun --standalone --nproc_per_node=NPROC -m pipeflow.launch --config CONFIG --out OUT EXTRA``; with
+    PIPEFLOW_TEST_FAULT in ``env``, ``-m tests.faults`` instead: the same launch, with those faults injected."""
+    module = "tests.faults" if "PIPEFLOW_TEST_FAULT" in (env or {}) else "pipeflow.launch"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           f"--max-restarts={restarts}", "-m", "pipeflow.launch", "--config", str(config), "--out", str(out),
+           f"--max-restarts={restarts}", "-m", module, "--config", str(config), "--out", str(out),
            *map(str, extra)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})}, cwd=ROOT)
 

@@ -84,8 +84,18 @@ def test_finetune_ddp_improves_and_model_loads_alone(tmp_path):
     assert run["phases"]["finetune"]["images_per_process"] == 3 * 5 * 32 // 2
     assert run["test_bpd"] < run["phases"]["by_parts"]["test_bpd"]
     assert run["comm"]["backward_bytes"] == 0 and run["comm"]["finetune_allreduce_bytes"] > 0
+    assert run["comm"]["forward_paced_seconds"] == run["comm"]["finetune_paced_seconds"] == 0  # no --bandwidth
     ok(pipeflow("eval", "--checkpoint", tmp_path / "dist" / "model.pt", "--json", tmp_path / "eval.json"))
     assert json.loads((tmp_path / "eval.json").read_text())["test_bpd"] == pytest.approx(run["test_bpd"], abs=1e-5)
+
+
+def test_bandwidth_paces_the_pipelines_sends_and_ddps_all_reduces(tmp_path):
+    """``--bandwidth`` plays a slow network for both phases: at 40 kB/s per rank the forward sends
+    (about 8 kB a step) and DDP's gradient all-reduce (about 4 bytes per parameter) are held back."""
+    config = multirank_config(tmp_path, parts=2, finetune=1, **{"train.by_parts_epochs": 1})
+    ok(torchrun(2, config, tmp_path / "slow", "--bandwidth", "40000"))
+    comm = summary(tmp_path / "slow")["comm"]
+    assert comm["forward_paced_seconds"] > 0 and comm["finetune_paced_seconds"] > 0
 
 
 def test_finetune_on_rank0_equals_one_device_and_ddp_is_close(tmp_path):
@@ -197,3 +207,15 @@ def test_by_parts_a_device_holds_only_its_own_part(tmp_path):
     assert on(model) == {"cpu", "meta"}  # the model shares the part's layers: they moved with it
     place_whole_model(model, parts, meta)  # before the gather
     assert on(model) == {"meta"} and all(on(p) == {"meta"} for p in parts)
+
+
+def test_learning_rates_found_on_ranks_are_one_devices(tmp_path):
+    """train.find_lr_steps on 2 ranks: rank 0 runs the range tests as one device does, every stage trains
+    at the rate found for its part, and the run ends where one device ends."""
+    config = multirank_config(tmp_path, parts=2, **{"train.find_lr_steps": 6})
+    ok(torchrun(2, config, tmp_path / "dist"))
+    single = single_device(config, tmp_path / "single")
+    found = summary(tmp_path / "dist")["part_lrs"]
+    assert found == single["part_lrs"] and found != [2e-3, 2e-3]  # found, not the config's train.lr
+    assert [r["part"] for r in metrics(tmp_path / "dist") if r["kind"] == "lr_find"] == [0, 1]
+    assert max_difference(tmp_path / "dist", tmp_path / "single") <= 1e-6

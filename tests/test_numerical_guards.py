@@ -1,8 +1,8 @@
 """Numerical guards: a non-finite step is skipped (it changes nothing) and counted, too many in a row stop the
 run at its last good checkpoint, from which it resumes; a singular layer is an error naming it, not a NaN.
 
-The multi-rank test injects NaN batches with the test-only PIPEFLOW_TEST_FAULT variable that
-``pipeflow.launch`` reads (see its docstring)."""
+The multi-rank test injects NaN batches with ``tests/faults.py`` (``pipeflow.launch`` with the failures
+that PIPEFLOW_TEST_FAULT names)."""
 
 from __future__ import annotations
 

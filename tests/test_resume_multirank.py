@@ -2,8 +2,8 @@
 from, killed ranks restarted by torchrun, a silent rank failing its peers in bounded time, and the
 resumes that are refused (another world size, another config, one device resuming several ranks).
 
-The tests run tiny models on CPU with gloo; faults are injected with the test-only PIPEFLOW_TEST_FAULT
-variable that ``pipeflow.launch`` reads (see its docstring).
+The tests run tiny models on CPU with gloo; faults are injected by ``tests/faults.py`` (``pipeflow.launch``
+with the failures that PIPEFLOW_TEST_FAULT names).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def test_killed_ranks_restart_under_torchrun_and_end_like_an_uninterrupted_run(t
 
 
 def _start_ranks(config, out, world: int, fault: str) -> list[subprocess.Popen]:
-    """``world`` ranks of pipeflow.launch started by hand (not torchrun, which would stop the others at once)."""
+    """``world`` ranks of pipeflow.launch (with ``fault``) started by hand (not torchrun, which would stop the
+    others at once)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -95,7 +96,7 @@ def _start_ranks(config, out, world: int, fault: str) -> list[subprocess.Popen]:
         env = {**ENV, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "PIPEFLOW_TEST_FAULT": fault}
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeflow.launch", "--config", str(config), "--out",
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.faults", "--config", str(config), "--out",
                                        str(out)], env=env, cwd=ROOT, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     return procs

@@ -9,6 +9,8 @@ peer into :class:`~pipeflow.distributed.transport.PeerSilent` with one readable 
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from pipeflow.distributed.transport import PeerSilent, brief
+from pipeflow.distributed.transport import LinkPacer, PeerSilent, brief
 
 # torch.distributed, and DDP (torch.nn.parallel), which calls it
 _TORCH_DISTRIBUTED = (Path(dist.__file__).parent, Path(torch.nn.parallel.__file__).parent)
@@ -64,15 +66,33 @@ def guard(what: str, timeout_s: float, watch: "CollectiveWatch | None" = None) -
 
 
 class CollectiveWatch:
-    """DDP's gradient all-reduce (averaging, as DDP's default hook does) that keeps its own failure."""
+    """DDP's gradient all-reduce, as a comm hook's state (:func:`watched_allreduce`).
 
-    def __init__(self, world: int):
+    It averages each bucket, as DDP's default hook does, and keeps its own failure, which
+    otherwise reaches the caller through autograd as a bare RuntimeError. It counts the
+    bytes and, given a ``bandwidth`` (bytes/s per rank, to play a slow network), holds each
+    bucket until such a link could have carried it: a ring all-reduce makes every rank send
+    2 (W-1)/W of the bucket, and buckets queue on the link one after another while the
+    backward pass goes on, as it does with the default hook.
+    """
+
+    def __init__(self, world: int, bandwidth: float = 0.0):
         self.world = world
         self.failure: BaseException | None = None
+        self.link = LinkPacer(bandwidth) if bandwidth > 0 else None
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.payload_bytes, self.wire_bytes, self.buckets, self.paced_seconds = 0, 0.0, 0, 0.0
 
 
 def watched_allreduce(watch: CollectiveWatch, bucket):  # no annotation: DDP checks a comm hook's literally
     tensor = bucket.buffer().div_(watch.world)
+    nbytes = tensor.numel() * tensor.element_size()
+    watch.payload_bytes += nbytes
+    watch.wire_bytes += 2.0 * (watch.world - 1) / watch.world * nbytes
+    watch.buckets += 1
 
     def reduced(fut):
         try:
@@ -81,7 +101,51 @@ def watched_allreduce(watch: CollectiveWatch, bucket):  # no annotation: DDP che
             watch.failure = exc
             raise
 
-    return dist.all_reduce(tensor, async_op=True).get_future().then(reduced)
+    fut = dist.all_reduce(tensor, async_op=True).get_future()
+    if watch.link is None:
+        return fut.then(reduced)
+    with watch.lock:
+        due = watch.link.occupy(2.0 * (watch.world - 1) / watch.world * nbytes, time.perf_counter())
+    return _held_until(fut, due, watch, reduced, tensor.device)
+
+
+def _held_until(fut, due: float, watch: CollectiveWatch, reduced, device: torch.device):
+    """A future for ``fut``'s result, set no earlier than ``due`` (perf_counter seconds).
+
+    Held with a timer, never a sleep: a NCCL future completes as soon as the all-reduce is
+    queued, so its callbacks run on the autograd thread, and a sleep there would stall the
+    backward pass instead of overlapping it.
+    """
+    held = torch.futures.Future(devices=[device] if device.type == "cuda" else None)
+
+    def release(f):
+        try:
+            result = reduced(f)
+        except Exception as exc:  # noqa: BLE001 (DDP must hear of it, not wait forever)
+            held.set_exception(exc)
+            return
+        lag = due - time.perf_counter()
+        if lag <= 0:
+            held.set_result(result)
+            return
+        with watch.lock:
+            watch.paced_seconds += lag
+        if not result.is_cuda:
+            threading.Timer(lag, held.set_result, args=(result,)).start()
+            return
+        # A CUDA future marks itself complete on the current stream of the thread that sets its
+        # result: set it on this callback's stream (which has waited for the all-reduce), not on
+        # the timer thread's default one, and on the result's device.
+        stream = torch.cuda.current_stream(result.device)
+
+        def later():
+            with torch.cuda.device(result.device), torch.cuda.stream(stream):
+                held.set_result(result)
+
+        threading.Timer(lag, later).start()
+
+    fut.add_done_callback(release)
+    return held
 
 
 def agree(ok: bool, device: torch.device, group=None) -> bool:

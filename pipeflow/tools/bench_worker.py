@@ -11,7 +11,7 @@ spec's ``out`` folder. Every mode drives the library's own training code; only t
 * ``ddp``    -- P processes, end-to-end data-parallel: :class:`PartTrainer` of the whole
   model wrapped in DistributedDataParallel, each rank a 1/P shard of every batch (what
   ``pipeflow.launch`` does with ``train.schedule = "e2e"``). A communication hook counts
-  the all-reduced bytes and, given a bandwidth, paces them (see :class:`PacedAllReduce`).
+  the all-reduced bytes and, given a bandwidth, paces them (see ``collectives.CollectiveWatch``).
 * ``stage``  -- P processes, the forward-only pipeline: rank r holds part r only and runs the
   same loop as a ``pipeflow.launch`` stage with the real Inbox/Outbox transport (the
   Outbox paces forward sends to the bandwidth).
@@ -49,7 +49,7 @@ import torch.distributed as dist
 from pipeflow.config import Config, from_dict
 from pipeflow.data import Batches, ImageData, load_dataset
 from pipeflow.distributed.process_group import RankEnv, choose_device, join, leave
-from pipeflow.distributed.transport import LinkPacer
+from pipeflow.distributed.collectives import CollectiveWatch, watched_allreduce
 from pipeflow.loop import Chain, DataStream, Hooks, Tally, inbox_stream, run_loop
 from pipeflow.part_trainer import PartTrainer, make_optimizer
 from pipeflow.build import build_model, build_parts, part_lr
@@ -302,79 +302,6 @@ def run_single(spec: dict, rank: int, device: torch.device, memory: Memory) -> d
             "memory": memory.report(), "skipped": sum(tr.skipped for tr in trainers)}
 
 
-class PacedAllReduce:
-    """DDP communication hook state: all-reduce each gradient bucket (averaging, as DDP's
-    default hook does), count its bytes and, given a bandwidth, hold the bucket until a link
-    of that many bytes/s per rank could have carried it.
-
-    A ring all-reduce makes every rank send 2 (W-1)/W of the bucket; buckets queue on the
-    link one after another (a bucket cannot start before the previous one is through), and
-    the backward pass goes on meanwhile, as it does with the default hook.
-    """
-
-    def __init__(self, world: int, bandwidth: float):
-        self.world = world
-        self.payload_bytes = 0
-        self.wire_bytes = 0.0
-        self.buckets = 0
-        self.link = LinkPacer(bandwidth) if bandwidth > 0 else None
-        self.paced_seconds = 0.0  # how long the link held buckets back
-        self.lock = threading.Lock()
-
-    def reset(self) -> None:
-        self.payload_bytes, self.wire_bytes, self.buckets, self.paced_seconds = 0, 0.0, 0, 0.0
-
-
-def paced_allreduce_hook(state: PacedAllReduce, bucket):  # no annotation: DDP checks it literally
-    tensor = bucket.buffer()
-    nbytes = tensor.numel() * tensor.element_size()
-    wire = 2.0 * (state.world - 1) / state.world * nbytes
-    state.payload_bytes += nbytes
-    state.wire_bytes += wire
-    state.buckets += 1
-    tensor.div_(state.world)
-    fut = dist.all_reduce(tensor, async_op=True).get_future()
-    if state.link is None:
-        return fut.then(lambda f: f.value()[0])
-    with state.lock:
-        due = state.link.occupy(wire, time.perf_counter())
-
-    # The bucket is ready when both the all-reduce is done and the link could have carried it.
-    # Hold it with a timer, never a sleep: a NCCL future completes as soon as the all-reduce
-    # is queued, so its callbacks run on the autograd thread, and a sleep there would stall
-    # the backward pass instead of overlapping it.
-    paced = torch.futures.Future(devices=[tensor.device] if tensor.is_cuda else None)
-
-    def release(f):
-        try:
-            reduced = f.value()[0]
-        except Exception as exc:  # noqa: BLE001 (DDP must hear of it, not wait forever)
-            paced.set_exception(exc)
-            return
-        lag = due - time.perf_counter()
-        if lag <= 0:
-            paced.set_result(reduced)
-            return
-        with state.lock:
-            state.paced_seconds += lag
-        if not reduced.is_cuda:
-            threading.Timer(lag, paced.set_result, args=(reduced,)).start()
-            return
-        # A CUDA future marks itself complete on the current stream of the thread that sets its
-        # result: set it on this callback's stream (which has waited for the all-reduce), not on
-        # the timer thread's default one, and on the bucket's device.
-        stream = torch.cuda.current_stream(reduced.device)
-
-        def later():
-            with torch.cuda.device(reduced.device), torch.cuda.stream(stream):
-                paced.set_result(reduced)
-
-        threading.Timer(lag, later).start()
-
-    fut.add_done_callback(release)
-    return paced
-
-
 def run_ddp(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
 
@@ -385,11 +312,11 @@ def run_ddp(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict
     model, (whole,) = build_parts_from_cuts(cfg, [])
     model.to(device)
     model.initialize(batches[0].to(device))  # every rank from the whole first batch, as pipeflow.launch does
-    hook = PacedAllReduce(world, spec["bandwidth"])
+    hook = CollectiveWatch(world, spec["bandwidth"])
 
     def wrap(module):
         ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
-        ddp.register_comm_hook(hook, paced_allreduce_hook)
+        ddp.register_comm_hook(hook, watched_allreduce)
         return ddp
 
     c, h, w = model.input_shape

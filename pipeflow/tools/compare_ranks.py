@@ -24,9 +24,8 @@ processes) stand beside wall seconds; ``train.eval_ema`` adds the averaged weigh
 A run that finished is reused, an interrupted one (its directory without ``summary.json``)
 is resumed from its checkpoints with ``--resume auto``.
 
-``bandwidth`` (bytes/s) paces the pipeline's forward sends as ``pipeflow bench`` does; the
-all-reduces of DDP under ``pipeflow.launch`` are not paced (only the bench worker paces them),
-so a throttled comparison favours DDP, and the report says so.
+``bandwidth`` (bytes/s) paces every multi-rank run's link as ``pipeflow bench`` does: the
+pipeline's forward sends and DDP's gradient all-reduces (``pipeflow.launch --bandwidth``).
 """
 
 from __future__ import annotations
@@ -142,7 +141,7 @@ def run_command(run: RankRun, config: Path, run_dir: Path, start: str, bandwidth
     if run.kind == "e2e":
         return [sys.executable, "-m", "pipeflow.cli", "train", "--config", str(config), "--out", str(run_dir),
                 "--quiet", *again]
-    paced = ["--bandwidth", str(bandwidth)] if bandwidth and run.kind == "pipeline" else []
+    paced = ["--bandwidth", str(bandwidth)] if bandwidth else []
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.ranks}",
             "-m", "pipeflow.launch", "--config", str(config), "--out", str(run_dir), *again, *paced]
 
@@ -187,7 +186,7 @@ def train_rank_run(run: RankRun, seed: int, run_cfg: Config, run_dir: Path, band
     """Train (or reuse, or resume) one run of the comparison; its entry of the results."""
     start = start_mode(run_dir, run_cfg, force)
     entry = {"name": run.name, "kind": run.kind, "ranks": run.ranks, "finetune": run.finetune, "seed": seed,
-             "run_dir": str(run_dir), "start": start, "bandwidth": bandwidth if run.kind == "pipeline" else 0.0}
+             "run_dir": str(run_dir), "start": start, "bandwidth": bandwidth if run.kind != "e2e" else 0.0}
     if start == "reuse":
         measured = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {}
         log(f"{run_dir.name}: reusing the finished run in {run_dir}")

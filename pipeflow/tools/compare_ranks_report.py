@@ -112,12 +112,12 @@ def _plots(results: dict) -> list[str]:
 def _caveats(results: dict) -> list[str]:
     lines = ["## What the figures leave out", ""]
     if results["bandwidth"]:
-        lines.append(f"- The link is throttled to {results['bandwidth']:,.0f} B/s for the pipeline's forward sends "
-                     "only: DDP's all-reduces under `pipeflow.launch` are not paced (the bench worker's "
-                     "`PacedAllReduce` is not wired into it), nor is DDP fine-tuning. This favours DDP.")
+        lines.append(f"- Every rank's link is throttled to {results['bandwidth']:,.0f} B/s for the pipeline's forward "
+                     "sends and DDP's all-reduces (by parts and DDP alike); not for the one-off gather of the parts, "
+                     "the replicas' gradient average within a stage, nor pipelined fine-tuning's sends.")
     lines += ["- The by-parts phase's evaluation is the pipeline's own (stage by stage); the averaged weights (EMA) "
-              "are evaluated only where one process holds the whole model (one device, DDP, fine-tuning with ddp "
-              "or rank0); for a by-parts run the average starts with fine-tuning.",
+              "are evaluated in every whole-model phase (one device, DDP, each fine-tuning mode), not in the by-parts "
+              "phase on ranks; for a by-parts run the average starts with fine-tuning.",
               "- A resumed run's CPU seconds cover its last attempt only (`cpu_covers_last_attempt_only`).",
               f"- Load average when the comparison started: {results['load'].get('start')}, at its end: "
               f"{results['load'].get('end', '-')} ({results['machine']['cpus']} CPUs).", ""]

@@ -1,13 +1,14 @@
 """Failures injected on purpose, for the tests of resuming, restarts and silent peers.
 
-``pipeflow.launch`` reads PIPEFLOW_TEST_FAULT: a comma-separated list of
+``python -m tests.faults`` is ``pipeflow.launch`` with these failures injected; it reads
+PIPEFLOW_TEST_FAULT, a comma-separated list of
 ``ACTION:RANK:WHEN[@ATTEMPT]`` with ACTION ``exit`` (the rank ends at once after that
 step, its checkpoint saved), ``stop`` (it SIGSTOPs itself: a silent peer) or ``nan`` (its
 by-parts input is NaN for steps STEP..LAST), on attempt ATTEMPT (default 0, the first).
 WHEN is a step, ``STEP-LAST`` (``nan``), or for ``stop`` a moment between steps: ``eval``
 (at its first evaluation batch), ``gather`` or ``finetune`` (as that step of the run begins).
-The training code knows none of this: it only offers hooks after each step, on the stream
-of messages and as each step of a multi-rank run begins, which :func:`fault_hooks` fills.
+The library knows none of this: ``pipeflow.launch.main`` only takes hooks after each step, on the
+stream of messages and as each step of a multi-rank run begins, which :func:`fault_hooks` fills.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
+from pipeflow import launch
+from pipeflow.multirank import RankHooks
 from pipeflow.distributed.transport import EVAL, TRAIN, Message
 from pipeflow.errors import UserError
 
@@ -64,11 +67,11 @@ def _strike(rank: int, action: str, when) -> None:
     os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def fault_hooks(faults: tuple[Fault, ...], rank: int):
-    """``(after_step, stream_filter, on_moment)`` for this rank: hooks the training code calls, or None."""
-    mine = [f for f in faults if f.rank == rank]
+def fault_hooks(rank: int, attempt: int) -> RankHooks:
+    """The hooks that strike this rank's faults of PIPEFLOW_TEST_FAULT on this attempt."""
+    mine = [f for f in parse_faults(os.environ.get("PIPEFLOW_TEST_FAULT", ""), attempt) if f.rank == rank]
     if not mine:
-        return None, None, None
+        return RankHooks()
 
     def after_step(msg: Message) -> None:
         for f in mine:
@@ -88,7 +91,8 @@ def fault_hooks(faults: tuple[Fault, ...], rank: int):
             _strike(rank, "stop", f"as {name} begins")
 
     needs_filter = any(f.action == "nan" or f.moment == "eval" for f in mine)
-    return after_step, (filtered if needs_filter else None), on_moment
+    return RankHooks((after_step,), filtered if needs_filter else None, (on_moment,))
 
 
-StreamFilter = Callable[[Iterable[Message]], Iterable[Message]]
+if __name__ == "__main__":
+    launch.run(fault_hooks)
