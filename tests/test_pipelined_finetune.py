@@ -47,21 +47,6 @@ def test_pipelined_finetuning_equals_one_device(tmp_path, parts, schedule, clip)
     assert json.loads((tmp_path / "eval.json").read_text())["test_bpd"] == pytest.approx(run["test_bpd"], abs=1e-5)
 
 
-def test_pipelined_finetuning_evaluates_averaged_weights_as_rank0_does(tmp_path):
-    """train.eval_ema: each stage averages its own part, and the glued average is evaluated through the
-    pipeline; it is the average rank-0 fine-tuning evaluates on the whole model (both start with the phase)."""
-    config = pipelined_config(tmp_path, 2, **{"train.eval_ema": 0.9, "distributed.microbatches": 4})
-    ok(torchrun(2, config, tmp_path / "pipe"))
-    ok(torchrun(2, config, tmp_path / "rank0", "--set", "distributed.finetune=rank0"))
-
-    def finetune_evals(run):
-        return [r for r in summary(run)["history"] if r["phase"] == "finetune"]
-
-    (pipe,), (rank0,) = finetune_evals(tmp_path / "pipe"), finetune_evals(tmp_path / "rank0")
-    assert pipe["test_bpd_ema"] == pytest.approx(rank0["test_bpd_ema"], abs=1e-4)
-    assert pipe["test_bpd_ema"] != pytest.approx(pipe["test_bpd"], abs=1e-3)  # the average is not the weights
-
-
 def test_a_killed_pipelined_fine_tuning_resumes_to_the_uninterrupted_parameters(tmp_path):
     """Every rank checkpoints its own part in this phase (nothing is gathered): a rank killed inside it
     restarts under torchrun from the newest step every rank saved, and ends as the uninterrupted run."""
