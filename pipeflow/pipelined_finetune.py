@@ -43,6 +43,19 @@ if TYPE_CHECKING:
     from pipeflow.train import Phase
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands on a contiguous gradient: a stage sends its input's gradient
+    back, and the gradient a compiled graph returns may have other strides (gloo sends contiguous ones)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 class StageLikelihood(nn.Module):
     """One part of the glued flow as a pipeline stage; the last one returns log p(x) per sample."""
 
@@ -51,9 +64,12 @@ class StageLikelihood(nn.Module):
         self.likelihood, self.first, self.last = likelihood, first, last
 
     def forward(self, h: torch.Tensor, carry: torch.Tensor | None = None):
+        if not self.first:
+            h = _ContiguousGrad.apply(h)
         h_out, own_terms, log_prior = self.likelihood(h)
         carry = own_terms if carry is None else carry + own_terms
-        return carry + log_prior if self.last else (h_out, carry)
+        # contiguous: what a stage sends must be (a compiled graph may return other strides)
+        return carry + log_prior if self.last else (h_out.contiguous(), carry.contiguous())
 
 
 def whole_flow_step(trainer: PartTrainer, loss: float | None, replicas: int,
@@ -170,6 +186,8 @@ def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
         rr.state = every_rank_agrees("restoring the checkpoints", rr, rr.timeout,
                                      lambda: restore(rr.blob, [trainer.part], [trainer], rr.device))
     module = StageLikelihood(trainer.module, topo.is_first, topo.is_last)
+    if cfg.train.compile:  # after the ActNorms' data-dependent start (initialise_if_fresh), as PartTrainer does
+        module.likelihood.compile()  # (the stage's own forward stays eager: it hands on contiguous tensors)
     d = rr.run.num_dims
     pipe = PipelinedStage(module, topo.stage, topo.stages, rr.device, cfg.distributed.microbatches,
                           cfg.distributed.pipeline_schedule, lambda logp, _: -logp.mean() / (d * LN2), chain_group)
