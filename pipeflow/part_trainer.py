@@ -106,8 +106,8 @@ class PartTrainer:
             self.grad_hook([p.grad for p in self.params])
         if self.cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        else:
-            grad_norm = torch.zeros((), device=out.loss.device)
+        else:  # not clipped, still checked: a finite loss can have a non-finite gradient
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         finite = (torch.isfinite(out.loss) & torch.isfinite(grad_norm)).to(out.loss.dtype)
         loss_value, bpd, finite = torch.stack([out.loss.detach(), out.prefix_bpd.mean().to(out.loss.dtype),
                                                finite]).tolist()

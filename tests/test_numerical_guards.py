@@ -53,6 +53,18 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_after_max_bad_ste
         trainer.train_step(bad, torch.zeros(len(x)))
 
 
+def test_a_finite_loss_with_a_non_finite_gradient_is_skipped_without_clipping(tiny_config):
+    """train.grad_clip = 0 computes no norm to clip with, yet the step is checked as the pipelined phase
+    checks it: a NaN in one gradient (put there by the gradient hook) skips the step."""
+    run, trainer, x = _trainer(with_overrides(tiny_config, ["train.grad_clip=0"]))
+    trainer.train_step(x, torch.zeros(len(x)))
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    trainer.grad_hook = lambda grads: grads[0].view(-1)[0].fill_(float("nan"))
+    _, loss, _ = trainer.train_step(x, torch.zeros(len(x)))
+    assert math.isfinite(loss) and (trainer.skipped, trainer.steps) == (1, 1)
+    assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
+
+
 @pytest.mark.parametrize("lu", [False, True])
 def test_a_singular_layer_is_an_error_naming_it_not_a_silent_nan(tiny_config, lu):
     run, trainer, x = _trainer(tiny_config, lu=lu, max_bad_steps=10)
