@@ -58,7 +58,7 @@ def pick_lr(lrs: list[float], losses: list[float]) -> float:
 def range_test(part, inputs: list[tuple[torch.Tensor, torch.Tensor]], cfg, num_dims: int,
                n_bins: int) -> tuple[float, list[float], list[float]]:
     """Train a copy of ``part`` at rising rates on ``inputs``; return the rate chosen, the rates and the losses."""
-    test_cfg = dataclasses.replace(cfg, warmup_steps=0, max_bad_steps=1)
+    test_cfg = dataclasses.replace(cfg, warmup_steps=0, max_bad_steps=1, compile=False)  # a few steps: eager
     trainer = PartTrainer(copy.deepcopy(part), LR_MIN, test_cfg, num_dims, n_bins, name=f"part {part.index}")
     lrs, losses = range_lrs(len(inputs)), []
     for lr, (h, carry) in zip(lrs, inputs):

@@ -98,7 +98,6 @@ class RankRun:
     log: RunLog | None = None
     counters: Counters = field(default_factory=Counters)
     carried: dict = field(default_factory=dict)  # the parts' optimiser states, for fine-tuning to carry on
-    part_lrs: list[float] = field(default_factory=list)  # found by train.find_lr_steps (else from the config)
     watch: CollectiveWatch | None = None  # DDP's all-reduce, which fails out of sight
 
     @property
@@ -309,7 +308,7 @@ def _stage_trainer(rr: RankRun, links: Links):
     if group is not None and rr.blob is None:  # replica 0's weights, not only the same seed (LAPACK can differ)
         with guard(f"the first weights of stage {topo.stage}", rr.timeout):
             broadcast_tensors(part.state_dict().values(), src=topo.stage_ranks(topo.stage)[0], group=group)
-    lr = rr.part_lrs[topo.stage] if rr.part_lrs else rr.run.part_lr(topo.stage)
+    lr = rr.state.part_lrs[topo.stage] if rr.state.part_lrs else rr.run.part_lr(topo.stage)
     trainer = PartTrainer(part, lr, cfg.train, rr.run.num_dims, rr.run.n_bins,
                           grad_hook=grad_hook, name=f"part {topo.stage} (rank {topo.rank})", agree=stage_agree)
     if not topo.is_last:
@@ -332,15 +331,21 @@ def _stage_stream(rr: RankRun, part: nn.Module, links: Links):
 
 
 def find_lrs(rr: RankRun) -> None:
-    """``train.find_lr_steps``: rank 0, which reads the data, runs every part's range test exactly as one
-    device does (on copies, from the initial weights), and tells every rank the rates."""
-    found = None
-    if rr.topo.rank == 0:
-        found = find_part_lrs(rr.run, rr.device, rr.cfg.train.find_lr_steps)
-        for record in found if rr.blob is None else []:
-            rr.log.log({"kind": "lr_find", **record})
-    with guard("finding the parts' learning rates", rr.timeout):
-        rr.part_lrs = [f["lr"] for f in broadcast_object(found)]
+    """``train.find_lr_steps``: every rank runs every part's range test as one device does (on copies, from
+    the initial weights), so that none waits long on another; every stage trains at rank 0's rate for its
+    part (the same everywhere, even where a GPU's kernels are not deterministic). A resumed run keeps the
+    rates it started with (its run state holds them)."""
+    if rr.blob is not None:
+        rr.state.part_lrs = list(rr.blob["run"].get("part_lrs", []))
+        return
+    rr.run.data = every_rank_agrees("loading the data", rr, rr.timeout,
+                                    lambda: rr.run.data or load_dataset(rr.cfg.data))
+    found = every_rank_agrees("finding the parts' learning rates", rr, rr.timeout,
+                              lambda: find_part_lrs(rr.run, rr.device, rr.cfg.train.find_lr_steps))
+    with guard("agreeing on the parts' learning rates", rr.timeout):
+        rr.state.part_lrs = broadcast_object([f["lr"] for f in found])
+    for record in found if rr.log else []:
+        rr.log.log({"kind": "lr_find", **record})
 
 
 def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer:
@@ -595,7 +600,7 @@ def finish(rr: RankRun, phases: list[Phase], wall_start: float) -> dict | None:
                      resumed_from=rr.plan[1] if rr.plan else None,
                      schedule="pipeline" if topo.stages > 1 else "e2e", replicas=topo.replicas,
                      world_size=topo.world, backend=dist.get_backend(), comm=comm, ranks=state.ranks,
-                     part_lrs=rr.part_lrs or [rr.run.part_lr(k) for k in range(topo.stages)])
+                     part_lrs=state.part_lrs or [rr.run.part_lr(k) for k in range(topo.stages)])
     rr.log.summary(result)
     return result
 

@@ -146,8 +146,9 @@ class PipelinedTrainer:
     OWN = ("own_finetune_forward_bytes", "own_finetune_backward_bytes", "own_finetune_allreduce_bytes")
 
     def __init__(self, inner: PartTrainer, pipe: PipelinedStage, average, replicas: int, device: torch.device,
-                 n_bins: int, state: RunState):
+                 n_bins: int, state: RunState, ema: WeightAverage | None = None):
         self.inner, self.pipe, self.average, self.replicas, self.device = inner, pipe, average, replicas, device
+        self.ema = ema  # train.eval_ema: this stage's averaged weights, updated after every step
         self.part = inner.part
         self.constant = math.log(n_bins) / LN2  # the dequantisation's, as in bits_per_dim
         self.before = [state.comm.get(k, 0) for k in self.OWN]  # what this rank sent before a resume
@@ -166,6 +167,8 @@ class PipelinedTrainer:
     def train_step(self, h, carry) -> tuple[PartOutput, float, float]:
         x, rows = (h, len(h)) if isinstance(h, torch.Tensor) else (None, h)
         loss = pipelined_step(self.inner, self.pipe, x, rows, self.average, self.replicas, self.device)
+        if self.ema is not None:
+            self.ema.update()
         return PartOutput(None, None, None, None), loss, loss + self.constant
 
 
@@ -191,12 +194,11 @@ def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
     d = rr.run.num_dims
     pipe = PipelinedStage(module, topo.stage, topo.stages, rr.device, cfg.distributed.microbatches,
                           cfg.distributed.pipeline_schedule, lambda logp, _: -logp.mean() / (d * LN2), chain_group)
-    average = gradient_averager(stage_group, topo.replicas) if stage_group is not None else None
+    grads = gradient_averager(stage_group, topo.replicas) if stage_group is not None else None
+    ema = weight_average(trainer.part, cfg.train.eval_ema)  # each stage averages its own part
     rr.state.phase = phase.name
-    stepper = PipelinedTrainer(trainer, pipe, average, topo.replicas, rr.device, rr.run.n_bins, rr.state)
-    average = weight_average(trainer.part, cfg.train.eval_ema)  # each stage averages its own part
-    _run(rr, phase, stepper, lambda msg, means: _evaluate(rr, phase, module, chain_group, msg.epoch, average),
-         average)
+    stepper = PipelinedTrainer(trainer, pipe, grads, topo.replicas, rr.device, rr.run.n_bins, rr.state, ema)
+    _run(rr, phase, stepper, lambda msg, means: _evaluate(rr, phase, module, chain_group, msg.epoch, ema))
     rr.state.tally(phase.name).skipped = trainer.skipped
     sent = torch.tensor(stepper.count_bytes(rr.state), dtype=torch.float64)
     dist.all_reduce(sent)  # every rank's, for the summary
@@ -209,7 +211,7 @@ def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
     rr.state.comm["gather_bytes"] = rr.state.comm.get("gather_bytes", 0) + gather_on_rank0(rr)
 
 
-def _run(rr: "RankRun", phase: "Phase", stepper: PipelinedTrainer, evaluate, average: WeightAverage | None) -> None:
+def _run(rr: "RankRun", phase: "Phase", stepper: PipelinedTrainer, evaluate) -> None:
     """The one training loop over this stage: stage 0 reads its replica's rows, the others count steps."""
     topo, cfg, state = rr.topo, rr.cfg, rr.state
     rows = cfg.train.batch_size // topo.replicas
@@ -228,9 +230,7 @@ def _run(rr: "RankRun", phase: "Phase", stepper: PipelinedTrainer, evaluate, ave
     stepped = checkpointing(state, rr.saver(), rr.steps_per_epoch, cfg.checkpoint.every_steps, owned)
 
     first = cfg.train.by_parts_epochs
-    averaged = [lambda msg: average.update()] if average is not None else []
-    hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=evaluate,
-                  after_step=[*averaged, stepped, *rr.ctx.hooks.after_step],
+    hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=evaluate, after_step=[stepped, *rr.ctx.hooks.after_step],
                   record_extra={"rank": topo.rank, "replica": topo.replica})
     chain = Chain([stepper], "e2e", phase.epochs, first, 0, first * rr.steps_per_epoch)
     run_loop(chain, data.phase(first, phase.epochs, state.step), state.tally(phase.name), hooks, phase.name,

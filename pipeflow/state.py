@@ -38,6 +38,7 @@ class RunState:
     tallies: dict[str, Tally] = field(default_factory=dict)  # by phase
     ranks: list[dict] = field(default_factory=list)  # every rank's by-parts figures (multi-rank, rank 0)
     comm: dict[str, int] = field(default_factory=dict)  # bytes moved, by kind (multi-rank)
+    part_lrs: list[float] = field(default_factory=list)  # found by train.find_lr_steps (a resumed run keeps them)
 
     def count_seconds(self, seconds: float) -> None:
         """Training time, as the loop measures it (its ``on_time`` hook)."""

@@ -156,11 +156,11 @@ def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback |
     device = resolve_device(cfg.train.device)
     for module in (run.model, *run.parts):
         module.to(device)
-    found = find_part_lrs(run, device, cfg.train.find_lr_steps) if cfg.train.find_lr_steps else []
-    phases = make_phases(run, [f["lr"] for f in found])
     store = CheckpointStore(out, 0, cfg.checkpoint.keep)
     blob = _resume_point(store, cfg) if resume else None
-    state = RunState()
+    found = find_part_lrs(run, device, cfg.train.find_lr_steps) if cfg.train.find_lr_steps and not blob else []
+    state = RunState(part_lrs=[f["lr"] for f in found])  # a resumed run keeps the rates it started with
+    phases = make_phases(run, blob["run"].get("part_lrs") if blob else state.part_lrs)
     if blob is not None:
         trainers = next(ph.trainers for ph in phases if ph.name == blob["phase"])
         state = restore(blob, [run.model, *run.parts], trainers, device)
@@ -168,7 +168,7 @@ def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback |
     if resume:
         store.discard_after(state.step)
     log = RunLog(out, cfg, metrics_bytes=blob["metrics_bytes"] if blob else (0 if resume else None))
-    for record in found if blob is None else []:
+    for record in found:
         log.log({"kind": "lr_find", **record})
     batches, tests = run.train_batches(), run.test_batches()
     stream = DataStream(lambda e, skip: batches.epoch(e, start=skip), lambda: tests.epoch(0), device, len(batches))

@@ -212,4 +212,3 @@ def test_by_parts_a_device_holds_only_its_own_part(tmp_path):
     assert on(model) == {"cpu", "meta"}  # the model shares the part's layers: they moved with it
     place_whole_model(model, parts, meta)  # before the gather
     assert on(model) == {"meta"} and all(on(p) == {"meta"} for p in parts)
-

@@ -72,3 +72,19 @@ def test_a_run_trains_each_part_at_its_found_rate(tmp_path, tiny_config):
 def test_find_lr_refuses_what_contradicts_it(tiny_config, overrides):
     with pytest.raises(UserError, match="find_lr_steps"):
         with_overrides(tiny_config, overrides)
+
+
+def test_a_resumed_run_keeps_the_rates_it_found(tmp_path, checkpointed_cfg, monkeypatch):
+    """The rates are part of the run state: a resumed run trains at the rates it started with (no second
+    range test, which a GPU's non-deterministic kernels could end elsewhere) and ends as the uninterrupted run."""
+    from support import Crash, comparable_metrics, crash_after, max_difference
+
+    cfg = with_overrides(checkpointed_cfg, ["train.find_lr_steps=4"])
+    reference = train(cfg, tmp_path / "reference")
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "run", after_step=crash_after(3))
+    monkeypatch.setattr("pipeflow.train.find_part_lrs", lambda *args: pytest.fail("the range tests ran again"))
+    resumed = train(cfg, tmp_path / "run", resume=True)
+    assert resumed["part_lrs"] == reference["part_lrs"] != [cfg.train.lr, cfg.train.lr]
+    assert max_difference(tmp_path / "run", tmp_path / "reference") == 0.0
+    assert comparable_metrics(tmp_path / "run") == comparable_metrics(tmp_path / "reference")
