@@ -4,6 +4,7 @@
         INIT      forward only: every ActNorm initialises from the first batch
         TRAIN     one step of the local chain of parts, each on the detached output of the one before
         EVAL      forward only: sum the prefix bits/dim after each local part
+        EVAL_EMA  the same on the averaged weights (train.eval_ema), each stage on its own average
         EVAL_END  the test set is done: hand the means to ``hooks.on_eval``
         STOP      the phase is over
         then pass the chain's output on, when there is a stage after this one
@@ -24,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from pipeflow.averaging import WeightAverage
-from pipeflow.distributed.transport import EVAL, EVAL_END, INIT, STOP, TRAIN, Inbox, Message
+from pipeflow.distributed.transport import EVAL, EVAL_EMA, EVAL_END, INIT, STOP, TRAIN, Inbox, Message
 from pipeflow.objective import PartOutput
 from pipeflow.part_trainer import PartTrainer
 from pipeflow.schedules import active_parts
@@ -159,15 +160,15 @@ def run_loop(chain: Chain, stream: Iterable[Message], tally: Tally, hooks: Hooks
                 chain.average.update()
             clock.count()
             _emit(chain, records, hooks, log_every)
-        elif msg.kind in (INIT, EVAL):
+        elif msg.kind in (INIT, EVAL, EVAL_EMA):
             if msg.kind == EVAL and count == 0:
                 clock.count()  # the evaluation's time is not training time
-            outs = forward_chain(chain.trainers, msg.h, msg.carry)
+            outs = _forward(chain, msg)
             out = outs[-1]
-            if msg.kind == EVAL:
-                batch = _eval_sums(chain, msg, outs)
+            if msg.kind != INIT:
+                batch = _eval_sums(chain, outs, averaged=msg.kind == EVAL_EMA)
                 sums = batch if sums is None else sums + batch
-                count += msg.rows
+                count += msg.rows if msg.kind == EVAL else 0
         elif msg.kind == EVAL_END:
             width = len(chain.trainers) * (2 if chain.average is not None else 1)
             _evaluated(msg, sums.tolist() if sums is not None else [0.0] * width, count, tally, hooks,
@@ -210,13 +211,21 @@ def _emit(chain: Chain, records: list[tuple[int, dict]], hooks: Hooks, log_every
             hooks.log({**record, "wall": time.time()})
 
 
-def _eval_sums(chain: Chain, msg: Message, outs: list[PartOutput]) -> torch.Tensor:
-    """Summed prefix bits/dim after each local part; then, with averaged weights, the same on them."""
-    sums = [o.prefix_bpd.double().sum() for o in outs]
-    if chain.average is not None:
-        with chain.average.applied():
-            sums += [o.prefix_bpd.double().sum() for o in forward_chain(chain.trainers, msg.h, msg.carry)]
-    return torch.stack(sums)
+def _forward(chain: Chain, msg: Message) -> list[PartOutput]:
+    """A forward pass of the chain, on the averaged weights for an EVAL_EMA message."""
+    if msg.kind != EVAL_EMA:
+        return forward_chain(chain.trainers, msg.h, msg.carry)
+    with chain.average.applied():
+        return forward_chain(chain.trainers, msg.h, msg.carry)
+
+
+def _eval_sums(chain: Chain, outs: list[PartOutput], averaged: bool) -> torch.Tensor:
+    """Summed prefix bits/dim after each local part: the raw weights' first, then (with an average) the
+    averaged ones'; this message fills its half, the other stays zero."""
+    sums = torch.stack([o.prefix_bpd.double().sum() for o in outs])
+    if chain.average is None:
+        return sums
+    return torch.cat([torch.zeros_like(sums), sums] if averaged else [sums, torch.zeros_like(sums)])
 
 
 def _evaluated(msg: Message, sums: list[float], count: int, tally: Tally, hooks: Hooks, parts: int) -> None:
@@ -247,6 +256,7 @@ class DataStream:
     test_epoch: Callable[[], Iterable[torch.Tensor]] | None
     device: torch.device
     steps_per_epoch: int
+    averaged: bool = False  # the test batches once more for the averaged weights (EVAL_EMA)
 
     def _msg(self, kind: int, x: torch.Tensor | int, epoch: int, step: int) -> Message:
         if isinstance(x, int):  # a step whose batch another process holds: only its size
@@ -256,8 +266,9 @@ class DataStream:
 
     def _evaluation(self, epoch: int, step: int) -> Iterator[Message]:
         if self.test_epoch is not None:
-            for x in self.test_epoch():
-                yield self._msg(EVAL, x, epoch, step)
+            for kind in (EVAL, EVAL_EMA) if self.averaged else (EVAL,):
+                for x in self.test_epoch():
+                    yield self._msg(kind, x, epoch, step)
             yield Message(EVAL_END, 0, epoch, step)
 
     def phase(self, first_epoch: int, epochs: int, start_step: int,

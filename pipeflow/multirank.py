@@ -324,7 +324,7 @@ def _stage_stream(rr: RankRun, part: nn.Module, links: Links):
     batches = rr.run.train_batches()
     tests = rr.run.test_batches() if topo.replica == 0 else None
     data = DataStream(lambda e, skip: (_rows(x, topo.replica, topo.replicas) for x in batches.epoch(e, start=skip)),
-                      (lambda: tests.epoch(0)) if tests else None, rr.device, rr.steps_per_epoch)
+                      (lambda: tests.epoch(0)) if tests else None, rr.device, rr.steps_per_epoch, bool(t.eval_ema))
     # every replica initialises its ActNorms from the whole first batch, as on one device
     init = None if rr.blob else next(batches.epoch(0))
     return data.phase(0, t.by_parts_epochs, rr.state.step, init)
@@ -370,7 +370,8 @@ def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer
                         rr.ctx.bandwidth, rr.counters, rr.timeout, group=links.next)
     tally = state.tally(PhaseName.BY_PARTS)
     hooks = _stage_hooks(rr, part, trainer, grad_hook, outbox, tally, on_eval)
-    chain = Chain([trainer], "pipeline", cfg.train.by_parts_epochs)
+    # train.eval_ema: each stage averages its own part, and EVAL_EMA messages carry the averaged latents on
+    chain = Chain([trainer], "pipeline", cfg.train.by_parts_epochs, average=weight_average(part, cfg.train.eval_ema))
     with guard(f"the gradient average of stage {topo.stage}", rr.timeout):
         run_loop(chain, stream, tally, hooks, PhaseName.BY_PARTS, cfg.train.log_every,
                  on_time=state.count_seconds)
@@ -396,7 +397,8 @@ def _stage_hooks(rr: RankRun, part, trainer, grad_hook, outbox, tally: Tally, on
 
     def evaluated(msg: Message, means: list[float]) -> None:
         record = {"epoch": msg.epoch + 1, "step": msg.step, "prefix_bpd": means[-1],
-                  "seconds": state.train_seconds, "busy_seconds": tally.busy_seconds}
+                  "prefix_bpd_ema": tally.test_bpd_ema, "seconds": state.train_seconds,
+                  "busy_seconds": tally.busy_seconds}
         state.evals.append(record)
         if on_eval:
             on_eval(record)
@@ -456,11 +458,14 @@ def _take_reports(rr: RankRun, reports: list[dict], gather_bytes: int) -> None:
         record = {"kind": "eval", "phase": PhaseName.BY_PARTS, "epoch": e["epoch"], "test_bpd": e["prefix_bpd"],
                   "test_prefix_bpd": [reports[s]["evals"][i]["prefix_bpd"] for s in range(stages)],
                   "train_seconds": e["seconds"], "step": e["step"]}
+        if e.get("prefix_bpd_ema") is not None:  # train.eval_ema: the averaged glued flow's, as one device records it
+            record["test_bpd_ema"] = e["prefix_bpd_ema"]
         state.history.append(record)
         rr.log.log({**record, "wall": time.time()})
     tally = state.tally(PhaseName.BY_PARTS)
     tally.seconds = max(r["tally"]["seconds"] for r in reports)
     tally.test_bpd = reports[stages - 1]["tally"]["test_bpd"]
+    tally.test_bpd_ema = reports[stages - 1]["tally"]["test_bpd_ema"]
     tally.skipped = sum(r["tally"]["skipped"] for r in reports if r["replica"] == 0)  # replicas skip together
     state.train_seconds = tally.seconds
     state.ranks = [_rank_summary(r) for r in reports]
@@ -560,7 +565,8 @@ def _finetune_loop(rr: RankRun, phase: Phase, trainer: PartTrainer, ddp: bool) -
     shard = (lambda x: _rows(x, topo.rank, topo.world)) if ddp else (lambda x: x)
     cover = (lambda x: _rows_cover(x, topo)) if ddp else (lambda x: x)
     data = DataStream(lambda e, skip: (shard(x) for x in batches.epoch(e, start=skip)),
-                      lambda: (cover(x) for x in tests.epoch(0)), rr.device, rr.steps_per_epoch)
+                      lambda: (cover(x) for x in tests.epoch(0)), rr.device, rr.steps_per_epoch,
+                      bool(cfg.train.eval_ema))
     first_epoch = cfg.train.by_parts_epochs if topo.stages > 1 else 0
     owned = (lambda: ([rr.run.model], [trainer], None)) if topo.rank == 0 else None  # the DDP replicas are equal
     stepped = checkpointing(state, rr.saver(), rr.steps_per_epoch, cfg.checkpoint.every_steps, owned)

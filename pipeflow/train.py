@@ -171,7 +171,8 @@ def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback |
     for record in found:
         log.log({"kind": "lr_find", **record})
     batches, tests = run.train_batches(), run.test_batches()
-    stream = DataStream(lambda e, skip: batches.epoch(e, start=skip), lambda: tests.epoch(0), device, len(batches))
+    stream = DataStream(lambda e, skip: batches.epoch(e, start=skip), lambda: tests.epoch(0), device, len(batches),
+                        bool(cfg.train.eval_ema))
     init = None if blob else next(batches.epoch(0)).to(device)
     saver = Checkpointer(store, cfg, "train", device=device, metrics_bytes=log.tell)
     hooks = _OneDevice(run, state, log, saver, len(batches), on_step, on_epoch, after_step)

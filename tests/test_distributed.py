@@ -32,7 +32,9 @@ def single_device(config: Path, out: Path, *extra: str) -> dict:
 
 @pytest.mark.parametrize("parts", [2, 3])
 def test_pipeline_ranks_equal_single_device_pipeline(tmp_path, parts):
-    config = multirank_config(tmp_path, parts=parts)
+    """With train.eval_ema too: each stage averages its own part, and the averaged glued flow is evaluated
+    through the pipeline (EVAL_EMA messages) as one device evaluates its average of the whole model."""
+    config = multirank_config(tmp_path, parts=parts, **{"train.eval_ema": 0.9})
     # how many batches may wait for the wire changes when work happens, never what is computed
     in_flight = {2: 2, 3: 1}[parts]
     ok(torchrun(parts, config, tmp_path / "dist", "--set", f"distributed.in_flight={in_flight}"))
@@ -41,6 +43,9 @@ def test_pipeline_ranks_equal_single_device_pipeline(tmp_path, parts):
     run = summary(tmp_path / "dist")
     assert run["parts"] == parts and run["world_size"] == parts
     assert run["test_bpd"] == pytest.approx(single["test_bpd"], abs=1e-5)
+    averaged = [[r["test_bpd_ema"] for r in summary_["history"]] for summary_ in (run, single)]
+    assert averaged[0] == pytest.approx(averaged[1], abs=1e-5) and len(averaged[0]) == 2
+    assert averaged[0][-1] != pytest.approx(run["test_bpd"], abs=1e-3)  # the average is not the weights
     # nothing travels backwards; forward traffic is exactly one latent (+ carry and header) per image
     assert run["comm"]["backward_bytes"] == 0
     assert run["comm"]["forward_bytes"] > 0

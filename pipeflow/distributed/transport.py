@@ -46,9 +46,10 @@ class Kind(enum.IntEnum):
     EVAL = 2
     EVAL_END = 3
     STOP = 4
+    EVAL_EMA = 5  # a test batch for the averaged weights (train.eval_ema), after the raw weights' pass
 
 
-INIT, TRAIN, EVAL, EVAL_END, STOP = Kind  # the kinds by their bare names, as the pipeline reads them
+INIT, TRAIN, EVAL, EVAL_END, STOP, EVAL_EMA = Kind  # the kinds by their bare names, as the pipeline reads them
 
 
 class PeerSilent(RuntimeError):

@@ -115,9 +115,8 @@ def _caveats(results: dict) -> list[str]:
         lines.append(f"- Every rank's link is throttled to {results['bandwidth']:,.0f} B/s for the pipeline's forward "
                      "sends and DDP's all-reduces (by parts and DDP alike); not for the one-off gather of the parts, "
                      "the replicas' gradient average within a stage, nor pipelined fine-tuning's sends.")
-    lines += ["- The by-parts phase's evaluation is the pipeline's own (stage by stage); the averaged weights (EMA) "
-              "are evaluated in every whole-model phase (one device, DDP, each fine-tuning mode), not in the by-parts "
-              "phase on ranks; for a by-parts run the average starts with fine-tuning.",
+    lines += ["- The by-parts phase's evaluation is the pipeline's own (stage by stage, each stage on its own "
+              "average for the EMA figure); in a by-parts run, fine-tuning's average starts again with the phase.",
               "- A resumed run's CPU seconds cover its last attempt only (`cpu_covers_last_attempt_only`).",
               f"- Load average when the comparison started: {results['load'].get('start')}, at its end: "
               f"{results['load'].get('end', '-')} ({results['machine']['cpus']} CPUs).", ""]
