@@ -90,8 +90,9 @@ class CollectiveWatch:
 def watched_allreduce(watch: CollectiveWatch, bucket):  # no annotation: DDP checks a comm hook's literally
     tensor = bucket.buffer().div_(watch.world)
     nbytes = tensor.numel() * tensor.element_size()
+    wire = 2.0 * (watch.world - 1) / watch.world * nbytes  # what a ring all-reduce makes each rank send
     watch.payload_bytes += nbytes
-    watch.wire_bytes += 2.0 * (watch.world - 1) / watch.world * nbytes
+    watch.wire_bytes += wire
     watch.buckets += 1
 
     def reduced(fut):
@@ -105,7 +106,7 @@ def watched_allreduce(watch: CollectiveWatch, bucket):  # no annotation: DDP che
     if watch.link is None:
         return fut.then(reduced)
     with watch.lock:
-        due = watch.link.occupy(2.0 * (watch.world - 1) / watch.world * nbytes, time.perf_counter())
+        due = watch.link.occupy(wire, time.perf_counter())
     return _held_until(fut, due, watch, reduced, tensor.device)
 
 
