@@ -3,6 +3,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pipeflow-installed
+# Test workers (pytest-xdist): 2 fit the 2-core CI machine; each test launches up to 4 processes of its own.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test gpu-check clean
 
@@ -21,7 +23,7 @@ demo: $(STAMP)
 		--out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # On a CUDA machine: a few hundred steps of each schedule, figures under docs/benchmarks/gpu/ (<= 10 min on one H200)
 gpu-check: $(STAMP)
