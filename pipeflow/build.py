@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from pipeflow.config import Config
 from pipeflow.data import Batches, ImageData, load_dataset, n_bins, test_batches, train_batches
@@ -57,7 +58,17 @@ def build_model(cfg: Config, shape: tuple[int, int, int]) -> Glow:
     if h % 2**m.levels:
         raise UserError(f"image size {h} is not divisible by 2^model.levels = {2**m.levels}; lower model.levels")
     torch.manual_seed(cfg.train.seed)
-    return Glow(c, h, m.levels, m.steps, m.hidden, m.coupling, m.lu)
+    return in_memory_format(Glow(c, h, m.levels, m.steps, m.hidden, m.coupling, m.lu), cfg)
+
+
+def in_memory_format(module: nn.Module, cfg: Config) -> nn.Module:
+    """With train.channels_last, the module's 4-d parameters in NHWC (in place).
+
+    A convolution whose weight is channels_last computes in that layout and hands it on, so the
+    activations follow the weights with no conversion at the inputs; moving to a device, loading a
+    state dict and Adam's moments keep each parameter's layout.
+    """
+    return module.to(memory_format=torch.channels_last) if cfg.train.channels_last else module
 
 
 def build_parts(cfg: Config, model: Glow, count: int | None = None, scheme: str | None = None,
@@ -73,7 +84,8 @@ def build_parts(cfg: Config, model: Glow, count: int | None = None, scheme: str 
         from pipeflow.tools.flops import step_flops  # noqa: PLC0415
 
         step_costs = step_flops(model)
-    return split_into_parts(model, scheme, count, p.cuts if cuts is None else cuts, p.boundary_prior, step_costs or ())
+    parts = split_into_parts(model, scheme, count, p.cuts if cuts is None else cuts, p.boundary_prior, step_costs or ())
+    return [in_memory_format(part, cfg) for part in parts]  # the boundary priors' own weights
 
 
 def part_lr(cfg: Config, k: int, parts: int) -> float:

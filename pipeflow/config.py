@@ -87,6 +87,8 @@ class TrainConfig:
     temperature: float = 0.7
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     compile: bool = False  # torch.compile each part's training step (forward + objective); minutes on a CPU
+    # convolution weights, and so the activations, in NHWC (channels_last): faster convolutions on a CPU
+    channels_last: bool = False
     eval_ema: float = 0.0  # 0 < d < 1: also evaluate an EMA of the weights (decay d), see pipeflow.averaging
 
 

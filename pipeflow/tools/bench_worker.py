@@ -438,11 +438,13 @@ def conv_rate(spec: dict, device: torch.device, rows: int, repeats: int = 5) -> 
 
     A 3x3 convolution from and to the coupling networks' hidden width, at the first level's
     resolution (the image once squeezed), on this rank's ``rows`` images: the bulk of what a
-    Glow step computes, at the size it computes it. The fastest of ``repeats`` timed passes.
+    Glow step computes, at the size it computes it. The fastest of ``repeats`` timed passes, in the
+    run's memory layout (train.channels_last), so that a faster layout raises the rate it is held to.
     """
     hidden, h, w = spec["conv_shape"]
-    conv = torch.nn.Conv2d(hidden, hidden, 3, padding=1, bias=False).to(device)
-    x = torch.randn(rows, hidden, h, w, device=device, requires_grad=True)
+    layout = torch.channels_last if spec["config"]["train"].get("channels_last") else torch.contiguous_format
+    conv = torch.nn.Conv2d(hidden, hidden, 3, padding=1, bias=False).to(device, memory_format=layout)
+    x = torch.randn(rows, hidden, h, w, device=device).contiguous(memory_format=layout).requires_grad_()
     flops = 3 * 2.0 * hidden * hidden * 9 * h * w * rows  # forward, and a backward twice as costly
     best = float("inf")
     for k in range(repeats + 1):  # the first pass warms up
