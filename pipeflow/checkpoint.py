@@ -118,7 +118,8 @@ def read_checkpoint(path: str | Path, expected_format: str) -> dict:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Return ``(model, cfg, n_bins)`` from a file written by :func:`save_model`."""
-    from pipeflow.glow import Glow  # noqa: PLC0415 (keeps this module free of model imports at load)
+    from pipeflow.build import in_memory_format  # noqa: PLC0415 (keeps this module free of model imports at load)
+    from pipeflow.glow import Glow  # noqa: PLC0415
 
     blob = read_checkpoint(path, MODEL_FORMAT)
     cfg = from_dict(blob["config"])
@@ -129,7 +130,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:
         raise UserError(f"checkpoint {path} does not match its own config: {str(exc).splitlines()[0]}") from None
-    return model.to(device), cfg, int(blob["n_bins"])
+    return in_memory_format(model, cfg).to(device), cfg, int(blob["n_bins"])
 
 
 def config_difference(saved: dict, cfg: Config) -> str | None:

@@ -77,17 +77,14 @@ def test_compiled_steps_agree_with_eager_ones():
 
 def test_compiled_pipelined_finetuning_trains_as_the_eager_one_does(tmp_path):
     """train.compile on 2 ranks: by parts (PartTrainer, as above), then pipelined fine-tuning with each stage's
-    likelihood compiled, and the weights in NHWC (train.channels_last: what a stage sends and the gradients it
-    hands back are then computed in another layout than the one gloo sends). Rounding differences grow over
-    the run's 10 Adam steps (a zero-initialised layer's update is about lr times the sign of a tiny gradient),
-    so the check is on what the run reports: every fine-tuning loss and the final test bits/dim within 1e-4
-    bits/dim of the eager run's."""
+    likelihood compiled. Rounding differences grow over the run's 10 Adam steps (a zero-initialised layer's
+    update is about lr times the sign of a tiny gradient), so the check is on what the run reports: every
+    fine-tuning loss and the final test bits/dim within 1e-4 bits/dim of the eager run's."""
     config = write_config(tmp_path, MULTIRANK, SMALLEST, {"parts.count": 2, "parts.scheme": "across",
                                                           "train.by_parts_epochs": 1, "train.finetune_epochs": 1,
                                                           "distributed.finetune": "pipeline", "model.steps": 2})
     ok(torchrun(2, config, tmp_path / "eager"))
-    ok(torchrun(2, config, tmp_path / "compiled", "--set", "train.compile=true", "--set", "train.channels_last=true",
-                timeout=600))
+    ok(torchrun(2, config, tmp_path / "compiled", "--set", "train.compile=true", timeout=600))
 
     def finetune_losses(run):
         return [r["loss"] for r in metrics(run) if r["kind"] == "step" and r["phase"] == "finetune"]

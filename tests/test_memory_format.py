@@ -2,11 +2,14 @@
 
 The layout changes which kernels run, not the arithmetic, so a part trains as the contiguous one
 does to float32 rounding (parameters about 3e-6 apart after 4 steps). On ranks, NHWC tensors travel:
-a stage's latents, the gathered parameters and optimiser moments, DDP's gradients (pipelined
-fine-tuning, with compilation, in tests/test_compile.py).
+a stage's latents, the gathered parameters and optimiser moments, DDP's gradients.
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from pipeflow.config import from_dict
 from pipeflow.glow.coupling import CouplingNet
 from pipeflow.part_trainer import PartTrainer
 
-from support import MULTIRANK, max_difference, ok, pipeflow, summary, tiny, torchrun, write_config
+from support import ENV, MULTIRANK, max_difference, model_state, ok, pipeflow, summary, tiny, torchrun, write_config
 
 TWO_PARTS = {"model.levels": 2, "model.steps": 2, "model.hidden": 8, "parts.count": 2, "parts.scheme": "across",
              "parts.boundary_prior": "flow", "train.warmup_steps": 0}
@@ -73,4 +76,33 @@ def test_channels_last_on_ranks_ends_where_one_device_does(tmp_path):
     ok(torchrun(2, config, tmp_path / "ranks"))
     ok(pipeflow("train", "--config", config, "--out", tmp_path / "single", "--quiet"))
     assert max_difference(tmp_path / "ranks", tmp_path / "single") < 1e-3
+    kernels = [t for t in model_state(tmp_path / "ranks").values() if t.dim() == 4 and t.shape[-1] == 3]
+    assert kernels and all(t.is_contiguous(memory_format=torch.channels_last) for t in kernels)  # as trained
     assert summary(tmp_path / "ranks")["test_bpd"] == pytest.approx(summary(tmp_path / "single")["test_bpd"], abs=1e-3)
+
+
+BROADCAST = """
+import json, sys
+import torch, torch.distributed as dist
+from pipeflow.distributed.collectives import broadcast_tensors
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+value = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+mine = value.clone() if rank == 0 else torch.zeros_like(value).contiguous(memory_format=torch.channels_last)
+broadcast_tensors([mine], src=0)
+json.dump({"equal": torch.equal(mine, value), "layout_kept": mine.is_contiguous() == (rank == 0)},
+          open(sys.argv[1] + str(rank), "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_a_tensor_broadcast_between_layouts_keeps_its_elements(tmp_path):
+    """Rank 0 holds NCHW, rank 1 NHWC (a resumed run whose layout changed): rank 1 gets the same tensor."""
+    script = tmp_path / "broadcast.py"
+    script.write_text(BROADCAST)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path / "out")]
+    ok(subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV))
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"out{rank}").read_text()) == {"equal": True, "layout_kept": True}

@@ -172,15 +172,19 @@ def gradient_averager(group, size: int) -> Callable[[list[torch.Tensor]], None]:
 
 
 def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int, group=None) -> int:
-    """Broadcast tensors in place from ``src``; returns the bytes moved per receiving rank."""
+    """Broadcast tensors in place from ``src``; returns the bytes moved per receiving rank.
+
+    What travels is each tensor's elements in their logical (NCHW) order: a backend sends a tensor's
+    memory as it lies, so two ranks holding one tensor in different layouts (a channels_last
+    parameter, an optimiser moment loaded from an NCHW checkpoint) would otherwise mix its elements.
+    """
     moved = 0
     for t in tensors:
-        if t.dtype == torch.bool:  # not every backend broadcasts bool
-            tmp = t.to(torch.uint8)
-            dist.broadcast(tmp, src=src, group=group)
-            t.copy_(tmp.bool())
-        else:
-            dist.broadcast(t, src=src, group=group)
+        # bool: not every backend broadcasts it
+        wire = t.to(torch.uint8).contiguous() if t.dtype == torch.bool else t.contiguous()
+        dist.broadcast(wire, src=src, group=group)
+        if wire is not t:
+            t.copy_(wire)
         moved += t.numel() * t.element_size()
     return moved
 

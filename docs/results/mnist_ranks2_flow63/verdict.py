@@ -2,7 +2,9 @@
 
 By parts (6 epochs, `flow` head) + 3 of DDP fine-tuning on 2 ranks against 12 epochs of DDP on the same
 2 ranks and of one device, unthrottled and at 10 MB/s. compare applies one budget to every run of an
-invocation, so the budgets were run as separate invocations, ordered A B B A over the seeds by hand.
+invocation, so the budgets were run as separate invocations, ordered A B B A over the seeds by hand
+(1-6). The unthrottled clause against one device was then timed once more, B A A B (7-9): the same runs,
+so the same bits/dim, new seconds.
 
     python docs/results/mnist_ranks2_flow63/verdict.py
 """
@@ -44,3 +46,11 @@ print(f"\nbits/dim against DDP (EMA): {gap:+.4f} (target: within 0.02)")
 print(f"time against DDP at 10 MB/s: {parts_slow['train_seconds'] / ddp_slow['train_seconds']:.3f}x (target <= 0.8)")
 print(f"time against one device, unthrottled: {parts['train_seconds'] / e2e['train_seconds']:.3f}x (target <= 0.6)")
 print(f"time against DDP, unthrottled: {parts['train_seconds'] / ddp['train_seconds']:.3f}x")
+
+again = {"e2e": pick("e2e", "8_again_e2e"),
+         "parts": pick("pipeline2-ddp", "7_again_flow63_seed0", "9_again_flow63_seed1")}
+second = mean(r["train_seconds"] for r in again["parts"]) / mean(r["train_seconds"] for r in again["e2e"])
+both = (mean(r["train_seconds"] for r in again["parts"] + pick("pipeline2-ddp", "2_flow63"))
+        / mean(r["train_seconds"] for r in again["e2e"] + pick("e2e", "1_base_seed0", "3_base_seed1")))
+print(f"timed again (7-9): e2e {mean(r['train_seconds'] for r in again['e2e']):.1f} s, by parts "
+      f"{mean(r['train_seconds'] for r in again['parts']):.1f} s: {second:.3f}x; both timings pooled: {both:.3f}x")
