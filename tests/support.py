@@ -100,6 +100,19 @@ def torchrun(nproc: int, config: Path, out: Path, *extra, env: dict | None = Non
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})}, cwd=ROOT)
 
 
+def ranks_of_script(source: str, folder: Path, nproc: int = 2) -> list[dict]:
+    """Run the Python ``source`` under torchrun on ``nproc`` processes; what each rank wrote.
+
+    The script gets a path prefix as its argument and writes its rank's JSON to prefix + rank.
+    """
+    script = folder / "script.py"
+    script.write_text(source)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           str(folder / "out")]
+    ok(subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV))
+    return [json.loads((folder / f"out{rank}").read_text()) for rank in range(nproc)]
+
+
 def launch_lines(stderr: str, kind: str = "") -> list[str]:
     """The lines ``pipeflow.launch`` itself wrote (``pipeflow.launch: KIND ...``), not torchrun's."""
     return [line for line in stderr.splitlines() if line.startswith(f"pipeflow.launch: {kind}")]

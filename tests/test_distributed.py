@@ -12,7 +12,8 @@ import torch
 
 from pipeflow.build import build_model, build_parts
 from pipeflow.config import load_config
-from support import ENV, MULTIRANK, max_difference, metrics, ok, pipeflow, summary, torchrun, write_config
+from support import (ENV, MULTIRANK, max_difference, metrics, ok, pipeflow, ranks_of_script, summary, torchrun,
+                     write_config)
 
 # internals of the training core that issue 10's rewrite may rename or move
 from pipeflow.multirank import place_own_part, place_whole_model
@@ -157,13 +158,7 @@ dist.destroy_process_group()
 
 def test_stage_replicas_average_their_gradients(tmp_path):
     """What the replicas of one stage exchange: the mean of their gradients, every tensor of it."""
-    script = tmp_path / "average.py"
-    script.write_text(AVERAGE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path / "out")]
-    ok(subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV))
-    for rank in (0, 1):
-        out = json.loads((tmp_path / f"out{rank}").read_text())
+    for out in ranks_of_script(AVERAGE, tmp_path):
         assert out["grads"] == [[2.0, 3.0], [[15.0, 15.0], [15.0, 15.0]]]
         assert out["bytes"] == 6 * 4
 

@@ -7,10 +7,6 @@ a stage's latents, the gathered parameters and optimiser moments, DDP's gradient
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -19,7 +15,8 @@ from pipeflow.config import from_dict
 from pipeflow.glow.coupling import CouplingNet
 from pipeflow.part_trainer import PartTrainer
 
-from support import ENV, MULTIRANK, max_difference, model_state, ok, pipeflow, summary, tiny, torchrun, write_config
+from support import (MULTIRANK, max_difference, model_state, ok, pipeflow, ranks_of_script, summary, tiny, torchrun,
+                     write_config)
 
 TWO_PARTS = {"model.levels": 2, "model.steps": 2, "model.hidden": 8, "parts.count": 2, "parts.scheme": "across",
              "parts.boundary_prior": "flow", "train.warmup_steps": 0}
@@ -99,10 +96,4 @@ dist.destroy_process_group()
 
 def test_a_tensor_broadcast_between_layouts_keeps_its_elements(tmp_path):
     """Rank 0 holds NCHW, rank 1 NHWC (a resumed run whose layout changed): rank 1 gets the same tensor."""
-    script = tmp_path / "broadcast.py"
-    script.write_text(BROADCAST)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path / "out")]
-    ok(subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV))
-    for rank in (0, 1):
-        assert json.loads((tmp_path / f"out{rank}").read_text()) == {"equal": True, "layout_kept": True}
+    assert ranks_of_script(BROADCAST, tmp_path) == [{"equal": True, "layout_kept": True}] * 2
