@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import make_glow
+from support import pipeflow_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
@@ -164,9 +165,9 @@ def test_bench_bandwidth_throttles_both_ddp_and_the_pipeline(config, tmp_path):
     (("--batch", "15"), "multiple of --parts"),
 ])
 def test_bench_bad_input_is_one_line(config, args, message):
-    result = pipeflow("bench", "--config", config, *args)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
+    result = pipeflow_in_process("bench", "--config", config, *args)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exception, result.stderr)
+    assert message in result.stderr and "Traceback" not in result.stdout + result.stderr
 
 
 def test_step_groups_are_exactly_the_layers_of_the_parts():

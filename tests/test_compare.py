@@ -16,6 +16,7 @@ import pytest
 from pipeflow.tools.compare import DEFAULT_RUNS, compare, parse_runs, run_config
 from pipeflow.config import from_dict, load_config
 from pipeflow.errors import UserError
+from support import pipeflow_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160", "PYTHONPATH": str(ROOT)}
@@ -232,11 +233,9 @@ def test_cli_compare(tmp_path):
 def test_cli_compare_bad_input_is_one_line(tmp_path, args, message):
     config = tmp_path / "tiny.toml"
     config.write_text(TINY_TOML)
-    result = subprocess.run([sys.executable, "-m", "pipeflow.cli", "compare", "--config", str(config), "--out",
-                             str(tmp_path / "out"), *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+    result = pipeflow_in_process("compare", "--config", config, "--out", tmp_path / "out", *args)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exception, result.stderr)
+    assert message in result.stderr and "Traceback" not in result.stdout + result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "e2e").exists()  # nothing trained before the error
 
