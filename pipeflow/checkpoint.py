@@ -118,19 +118,16 @@ def read_checkpoint(path: str | Path, expected_format: str) -> dict:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Return ``(model, cfg, n_bins)`` from a file written by :func:`save_model`."""
-    from pipeflow.build import in_memory_format  # noqa: PLC0415 (keeps this module free of model imports at load)
-    from pipeflow.glow import Glow  # noqa: PLC0415
+    from pipeflow.build import build_model  # noqa: PLC0415 (keeps this module free of model imports at load)
 
     blob = read_checkpoint(path, MODEL_FORMAT)
     cfg = from_dict(blob["config"])
-    c, size, _ = blob["input_shape"]
-    m = cfg.model
-    model = Glow(c, size, m.levels, m.steps, m.hidden, m.coupling, m.lu)
+    model = build_model(cfg, tuple(blob["input_shape"]))  # the run's architecture and layout
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:
         raise UserError(f"checkpoint {path} does not match its own config: {str(exc).splitlines()[0]}") from None
-    return in_memory_format(model, cfg).to(device), cfg, int(blob["n_bins"])
+    return model.to(device), cfg, int(blob["n_bins"])
 
 
 def config_difference(saved: dict, cfg: Config) -> str | None:
