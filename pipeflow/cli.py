@@ -14,11 +14,42 @@ from typing import List, Optional
 
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
+
+try:  # typer carries its own copy of click since 0.2x
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
 
 from pipeflow.errors import EXIT_USAGE, UserError
 from pipeflow.progress import make_console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The errors typer finds itself (an unknown option, a value under an option's minimum) as the same one
+    line as pipeflow's own, instead of a boxed usage message."""
+
+    def main(self, args=None, prog_name=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:
+            exc.show()  # no command given: the help itself
+            sys.exit(exc.exit_code)
+        except click_errors.ClickException as exc:
+            command = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
+            print(f"pipeflow: error: {exc.format_message()}{command}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print("pipeflow: aborted", file=sys.stderr)
+            sys.exit(1)
+        # standalone_mode=False hands back an Exit's status as an int, a finished command's value as it is
+        sys.exit(code if type(code) is int else 0)
+
+
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train Glow normalizing flows by parts: gradient-isolated pieces, one per device.")
 console = make_console(stderr=True)
 

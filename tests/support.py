@@ -86,7 +86,7 @@ def pipeflow_in_process(*args):
 
     from pipeflow.cli import app
 
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return CliRunner().invoke(app, [str(a) for a in args], prog_name="pipeflow")
 
 
 def torchrun(nproc: int, config: Path, out: Path, *extra, env: dict | None = None, restarts: int = 0,

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from support import ok, pipeflow, pipeflow_in_process, summary, write_config
+from support import ok, pipeflow, pipeflow_in_process, refused, summary, write_config
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,21 @@ def test_force_replaces_a_run(trained, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "test_bpd" in summary(copy)
     assert (copy / "unrelated.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("bench", "--parts", "1"), "Invalid value for '--parts' / '-p': Input should be greater than or equal to 2 "
+                                "(see 'pipeflow bench --help')"),
+    (("train", "--outt"), "No such option: --outt (Possible options: --out, --quiet) (see 'pipeflow train --help')"),
+    (("eval",), "Missing option '--checkpoint'. (see 'pipeflow eval --help')"),
+    (("nosuch",), "No such command 'nosuch'. (see 'pipeflow --help')"),
+])
+def test_what_typer_refuses_is_one_line_too(args, message):
+    """Options typer checks itself (names, minimums, required ones) fail as pipeflow's own checks do."""
+    result = pipeflow_in_process(*args)
+    refused(result.exit_code, result.stdout, result.stderr, message)
+
+
+def test_help_and_success_keep_status_0():
+    assert pipeflow_in_process("bench", "--help").exit_code == 0
+    assert pipeflow_in_process("--help").exit_code == 0
