@@ -57,8 +57,15 @@ def _linger(store, rank: int, world: int, seconds: float = 10.0) -> None:
         pass
 
 
+class _Arguments(argparse.ArgumentParser):
+    """argparse, with a bad argument refused as every other bad input is: one line, exit status 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see 'python -m pipeflow.launch --help')")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeflow.launch", description=__doc__.split("\n\n")[0])
+    p = _Arguments(prog="python -m pipeflow.launch", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", "-c", type=Path, default=None, help="TOML config file")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], help="section.key=value")
     p.add_argument("--out", "-o", type=Path, default=Path("runs/launch"), help="run directory (written by rank 0)")
@@ -94,12 +101,12 @@ def _report(summary: dict | None, out: Path) -> None:
 
 def main(argv: list[str] | None = None, hooks_for: Callable[[int, int], "RankHooks"] | None = None) -> int:
     """One rank's run; ``hooks_for(rank, attempt)`` may add hooks to it (the tests' injected faults)."""
-    args = _parser().parse_args(argv)
     who = RankEnv.from_environ()
     rank, world, attempt = who.rank, who.world, who.attempt
-    resume = args.resume == "auto" or attempt > 0  # a restart continues its own run
-    force = args.force and attempt == 0  # ... and never clears what the first attempt saved
     try:
+        args = _parser().parse_args(argv)
+        resume = args.resume == "auto" or attempt > 0  # a restart continues its own run
+        force = args.force and attempt == 0  # ... and never clears what the first attempt saved
         overrides = [*args.overrides, *([f"distributed.backend={args.backend}"] if args.backend else [])]
         cfg = load_config(args.config, overrides, processes=world)  # parts.count left out: one part per process
         stages = 1 if cfg.train.schedule == "e2e" else cfg.parts.count
@@ -146,6 +153,8 @@ def run(hooks_for: Callable[[int, int], "RankHooks"] | None = None) -> None:
     """
     try:
         code = main(None, hooks_for)
+    except SystemExit as exc:  # --help
+        code = exc.code
     except BaseException:  # noqa: BLE001 (a bug: show it, and still never hang on teardown)
         import traceback  # noqa: PLC0415
 

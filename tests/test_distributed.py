@@ -200,6 +200,17 @@ def test_launch_without_torchrun_checks_process_count(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_launch_refuses_an_unknown_argument_in_one_line(tmp_path):
+    """argparse's own refusal (usage lines, then SystemExit) had ended in a traceback and status 1."""
+    result = subprocess.run([sys.executable, "-m", "pipeflow.launch", "--out", str(tmp_path / "x"), "--resume",
+                             "latest"], capture_output=True, text=True, timeout=60, env=ENV)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "pipeflow.launch: error (rank 0): argument --resume: invalid choice: 'latest' (choose from 'auto') "
+        "(see 'python -m pipeflow.launch --help')"]
+    assert not (tmp_path / "x").exists()
+
+
 def test_by_parts_a_device_holds_only_its_own_part(tmp_path):
     """The placement each rank makes before the pipeline, on the meta device (it needs no GPU)."""
     cfg = load_config(multirank_config(tmp_path, parts=3))
