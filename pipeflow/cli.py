@@ -179,11 +179,12 @@ def sample(checkpoint: Path = typer.Option(..., "--checkpoint", help="A model.pt
     from torchvision.utils import save_image  # noqa: PLC0415
 
     from pipeflow.checkpoint import load_model  # noqa: PLC0415
+    from pipeflow.runlog import pixels  # noqa: PLC0415
 
     model, _, _ = load_model(checkpoint)
     images = model.sample(n, temperature, torch.Generator().manual_seed(seed))
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image((images + 0.5).clamp(0, 1), out, nrow=max(1, int(n**0.5)))
+    save_image(pixels(images), out, nrow=max(1, int(n**0.5)))
     print(f"wrote {n} samples at temperature {temperature} to {out}")
 
 

@@ -128,6 +128,13 @@ def _last_step(metrics: Path) -> int:
     return max((s for s in steps if isinstance(s, int)), default=-1)
 
 
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    """Samples (centred on 0) as pixel intensities in [0, 1]. A sample the inverse flow overflowed (early in
+    training, the exponentials of its couplings can reach inf, then nan) is drawn saturated, or grey for nan,
+    instead of being cast to arbitrary bytes."""
+    return (torch.nan_to_num(images.float().cpu(), nan=0.0) + 0.5).clamp(0, 1)
+
+
 class RunLog:
     """The one writer of a run's metrics: ``metrics.jsonl``, sample grids, ``summary.json``, and TensorBoard's files."""
 
@@ -169,7 +176,7 @@ class RunLog:
         from torchvision.utils import make_grid, save_image  # noqa: PLC0415
 
         path = self.out / "samples" / f"{name}.png"
-        grid = make_grid((images.float().cpu() + 0.5).clamp(0, 1), nrow=max(1, int(len(images) ** 0.5)))
+        grid = make_grid(pixels(images), nrow=max(1, int(len(images) ** 0.5)))
         save_image(grid, path)
         if self._tensorboard is not None:
             self._tensorboard.add_image(f"samples/{name.rsplit('_epoch', 1)[0]}", grid, max(self._step, 0))

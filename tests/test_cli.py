@@ -107,3 +107,13 @@ def test_what_typer_refuses_is_one_line_too(args, message):
 def test_help_and_success_keep_status_0():
     assert pipeflow_in_process("bench", "--help").exit_code == 0
     assert pipeflow_in_process("--help").exit_code == 0
+
+
+def test_an_overflowed_sample_is_drawn_saturated_not_cast_to_garbage():
+    """An early model's inverse can overflow to inf and nan; the grid must still be valid pixels."""
+    import torch
+
+    from pipeflow.runlog import pixels
+
+    images = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.25, -2.0]).view(5, 1, 1, 1)
+    assert pixels(images).flatten().tolist() == [0.5, 1.0, 0.0, 0.75, 0.0]
