@@ -130,10 +130,23 @@ def initialise_if_fresh(rr: "RankRun") -> None:
         return
     rr.run.data = every_rank_agrees("loading the data", rr, rr.timeout,
                                     lambda: rr.run.data or load_dataset(rr.cfg.data))
+    initialise_on_host(rr.run.model, rr.run.parts[rr.topo.stage], next(rr.run.train_batches().epoch(0)), rr.device)
+
+
+def initialise_on_host(model: nn.Module, part: nn.Module, batch: torch.Tensor, device: torch.device) -> None:
+    """The whole flow's ActNorms from ``batch`` on the host (every rank alike), then this rank's part on its device."""
     with torch.no_grad():
-        rr.run.model.to("cpu")
-        rr.run.model.initialize(next(rr.run.train_batches().epoch(0)))
-    rr.run.parts[rr.topo.stage].to(rr.device)
+        model.to("cpu")
+        model.initialize(batch)
+    part.to(device)
+
+
+def stage_module(trainer: PartTrainer, first: bool, last: bool, compile_: bool) -> StageLikelihood:
+    """The stage a schedule drives; compiled after the ActNorms' data-dependent start, as PartTrainer compiles."""
+    module = StageLikelihood(trainer.module, first, last)
+    if compile_:
+        module.likelihood.compile()  # (the stage's own forward stays eager: it hands on contiguous tensors)
+    return module
 
 
 class PipelinedTrainer:
@@ -188,9 +201,7 @@ def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
     if resumed:
         rr.state = every_rank_agrees("restoring the checkpoints", rr, rr.timeout,
                                      lambda: restore(rr.blob, [trainer.part], [trainer], rr.device))
-    module = StageLikelihood(trainer.module, topo.is_first, topo.is_last)
-    if cfg.train.compile:  # after the ActNorms' data-dependent start (initialise_if_fresh), as PartTrainer does
-        module.likelihood.compile()  # (the stage's own forward stays eager: it hands on contiguous tensors)
+    module = stage_module(trainer, topo.is_first, topo.is_last, cfg.train.compile)
     d = rr.run.num_dims
     pipe = PipelinedStage(module, topo.stage, topo.stages, rr.device, cfg.distributed.microbatches,
                           cfg.distributed.pipeline_schedule, lambda logp, _: -logp.mean() / (d * LN2), chain_group)

@@ -60,7 +60,7 @@ def full_bench(config, tmp_path_factory) -> tuple[subprocess.CompletedProcess, d
     """One `pipeflow bench` of every kind of run on the tiny config: its output and its JSON report."""
     out = tmp_path_factory.mktemp("bench-json") / "bench.json"
     result = pipeflow("bench", "--config", config, "--steps", 3, "--warmup", 2, "--scheme", "across",
-                      "--only", "e2e,alternate,ddp,pipeline", "--json", out, "--quiet")
+                      "--only", "e2e,alternate,ddp,pipeline,gpipe,1f1b", "--json", out, "--quiet")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result, json.loads(out.read_text())
 
@@ -72,7 +72,7 @@ def test_bench_runs_everything_and_writes_json(full_bench):
         assert key in report
     assert report["settings"]["parts"] == 2 and report["settings"]["batch"] == 16
     runs = {r["name"]: r for r in report["runs"]}
-    assert set(runs) == {"e2e", "alternate across", "ddp x2", "pipeline across x2"}, runs.keys()
+    assert set(runs) == {"e2e", "alternate across", "ddp x2", "pipeline across x2", "gpipe x2", "1f1b x2"}, runs.keys()
     for r in runs.values():
         assert "error" not in r, r
         assert r["step_seconds"] > 0 and len(r["step_times"]) == 3
@@ -101,6 +101,12 @@ def test_bench_runs_everything_and_writes_json(full_bench):
     assert ddp["backward_bytes_per_rank_per_step"] == pytest.approx(ddp["allreduce_bytes_per_step"])  # ring, 2 ranks
     assert ddp["backward_bytes_per_step"] == pytest.approx(2 * ddp["allreduce_bytes_per_step"])
     assert ddp["flop_model_step_ratio"] == 0.5
+
+    for name in ("gpipe x2", "1f1b x2"):  # end-to-end pipeline parallelism: latents forwards, their gradients back
+        first, last = runs[name]["ranks"]
+        assert first["forward_bytes_per_step"] == last["backward_bytes_per_step"] == 16 * (4 * 4 * 4 + 1) * 4
+        assert first["backward_bytes_per_step"] == last["forward_bytes_per_step"] == 0
+        assert runs[name]["warmup_seconds"] > 0 and all(x["utilisation"] > 0 for x in (first, last))
 
     alt = report["predictions"]["alternate"]
     assert alt["step_ratio"]["flop_model"] == pytest.approx(split["flop_model"]["alternate_step"])

@@ -261,6 +261,7 @@ def _pipelined_metrics(results: list[dict], warmup: int, steps: int) -> dict:
     """GPipe or 1F1B: every rank takes part in every step, so a step is as long as its slowest rank's;
     a rank is busy inside its microbatches' forward and backward passes, idle (the bubble) otherwise."""
     per_step = [max(b - a for a, b in ivs) for ivs in zip(*(r["intervals"][warmup : warmup + steps] for r in results))]
+    t0 = min(r["intervals"][0][0] for r in results)
     ranks = []
     for r in results:
         window = sum(b - a for a, b in r["intervals"][warmup : warmup + steps])
@@ -269,8 +270,9 @@ def _pipelined_metrics(results: list[dict], warmup: int, steps: int) -> dict:
         ranks.append({"rank": r["rank"], "stage": r["stage"], "busy_fraction": busy / window if window > 0 else None,
                       "busy_seconds_per_step": busy / steps, "idle_seconds_per_step": (window - busy) / steps,
                       "forward_bytes_per_step": fwd, "backward_bytes_per_step": bwd, "sent_bytes_per_step": fwd + bwd,
-                      "params": r["params"], "in_shape": r["in_shape"], "out_shape": r["out_shape"], **_memory(r)})
+                      "conv_flops_per_s": r.get("conv_flops_per_s"), "params": r["params"], "in_shape": r["in_shape"], "out_shape": r["out_shape"], **_memory(r)})
     return {"step_seconds": _median(per_step), "step_seconds_mean": statistics.fmean(per_step), "step_times": per_step,
+            "warmup_seconds": max(r["intervals"][warmup - 1][1] for r in results) - t0,
             "ranks": ranks, "forward_bytes_per_step": sum(x["forward_bytes_per_step"] for x in ranks),
             "forward_bytes_per_rank_per_step": max(x["forward_bytes_per_step"] for x in ranks),
             "backward_bytes_per_step": sum(x["backward_bytes_per_step"] for x in ranks),
@@ -553,15 +555,15 @@ def _run_pipelined(session: _Session, modes: list[str], splits: dict[str, dict],
     """GPipe and 1F1B end to end on P ranks, at the cuts of the first split the pipeline ran (unthrottled links)."""
     P, opts = session.parts, session.opts
     scheme, split = next(((k, v) for k, v in splits.items() if not v["same_as"]), (None, {"cuts": []}))
-    for schedule in (m for m in PIPELINED if m in modes):
-        name = f"{schedule} x{P}"
+    for schedule, (suffix, changes) in ((m, v) for m in PIPELINED if m in modes for v in session.variants()):
+        name = f"{schedule} x{P}{suffix}"
 
-        def run(schedule=schedule, name=name) -> None:
+        def run(schedule=schedule, name=name, changes=changes) -> None:
             res = session.launch({"mode": "pipelined", "schedule": schedule, "microbatches": microbatches,
-                                  "cuts": split["cuts"]}, P, schedule)
+                                  "cuts": split["cuts"], **changes}, P, schedule + suffix.replace(" ", "-"))
             session.record(name, "pipelined", _pipelined_metrics(res, opts.warmup, opts.steps), schedule=schedule,
                            scheme=scheme, cuts=split["cuts"], ranks_count=P, threads_per_rank=opts.threads,
-                           bandwidth=0.0, microbatches=microbatches)
+                           bandwidth=0.0, microbatches=microbatches, compiled=bool(changes))
         session.attempt(name, run)
 
 
@@ -603,7 +605,7 @@ def _add_utilisation(r: dict, report: dict) -> None:
 
     A training step costs 3x the forward FLOPs (:mod:`pipeflow.tools.flops`) of what it trains:
     the whole model (``alternate``: the FLOP model's share of it). A pipeline stage's figure is its
-    own part's over its busy time, on its own rank's rate.
+    own part's over its busy time, on its own rank's rate (GPipe's and 1F1B's too, over their microbatches).
     """
     from pipeflow.tools.flops import BACKWARD_FACTOR  # noqa: PLC0415
 
@@ -613,7 +615,7 @@ def _add_utilisation(r: dict, report: dict) -> None:
     r["flops_per_s"] = flops / r["step_seconds"]
     rate = _rate(r["ranks"])
     r["utilisation"] = r["flops_per_s"] / rate if rate else None
-    if r["kind"] != "pipeline":
+    if r["kind"] not in ("pipeline", "pipelined"):
         return
     parts = report["splits"].get(r["scheme"], {}).get("parts", [])
     for x, part in zip(r["ranks"], parts):

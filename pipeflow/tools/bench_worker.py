@@ -386,7 +386,7 @@ def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) 
 def run_pipelined_mode(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
     from pipeflow.distributed.pipelined import PipelinedStage  # noqa: PLC0415
     from pipeflow.objective import LN2  # noqa: PLC0415
-    from pipeflow.pipelined_finetune import StageLikelihood, initialise_on_host, pipelined_step  # noqa: PLC0415
+    from pipeflow.pipelined_finetune import initialise_on_host, pipelined_step, stage_module  # noqa: PLC0415
 
     cfg = from_dict(spec["config"])
     world = spec["world"]
@@ -401,7 +401,7 @@ def run_pipelined_mode(spec: dict, rank: int, device: torch.device, memory: Memo
     t = cfg.train
     trainer = PartTrainer(part, t.lr, t, c * h * w, spec["n_bins"], name=f"part {rank}")
     d = c * h * w
-    pipe = PipelinedStage(StageLikelihood(trainer.module, rank == 0, rank == world - 1), rank, world, device,
+    pipe = PipelinedStage(stage_module(trainer, rank == 0, rank == world - 1, t.compile), rank, world, device,
                           spec["microbatches"], spec["schedule"], lambda logp, _: -logp.mean() / (d * LN2), timed=True)
     intervals, compute, sent = [], [], []
     memory.reset_peak()
