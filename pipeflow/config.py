@@ -52,8 +52,9 @@ class PartsConfig:
     scheme: str = "across"  # blocks | across | cuts | balanced
     cuts: list[int] = field(default_factory=list)  # for scheme = "cuts": flow steps before each cut
     # standard (N(0, I)) | learned (per-channel Gaussian) | position (per channel and position) |
-    # conditional (Glow's split prior) | flow (a small auxiliary flow head); see pipeflow.priors
-    boundary_prior: str = "standard"
+    # conditional (Glow's split prior) | flow (a small auxiliary flow head); see pipeflow.priors.
+    # flow: it beat standard in every comparison made (docs/results/priors.md)
+    boundary_prior: str = "flow"
 
 
 @dataclass
