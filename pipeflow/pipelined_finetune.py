@@ -57,7 +57,12 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class StageLikelihood(nn.Module):
-    """One part of the glued flow as a pipeline stage; the last one returns log p(x) per sample."""
+    """One part of the glued flow as a pipeline stage; the last one returns log p(x) per sample.
+
+    Only the last stage's prior (the model's top prior) belongs to the glued flow: the others skip their
+    boundary priors, which would cost a forward pass (the `flow` head's: two flow steps) whose result is
+    never used.
+    """
 
     def __init__(self, likelihood: PartLikelihood, first: bool, last: bool):
         super().__init__()
@@ -66,7 +71,11 @@ class StageLikelihood(nn.Module):
     def forward(self, h: torch.Tensor, carry: torch.Tensor | None = None):
         if not self.first:
             h = _ContiguousGrad.apply(h)
-        h_out, own_terms, log_prior = self.likelihood(h)
+        if self.last:
+            h_out, own_terms, log_prior = self.likelihood(h)
+        else:
+            h_out, logdet, logp_factored = self.likelihood.part(h)
+            own_terms = logdet + logp_factored
         carry = own_terms if carry is None else carry + own_terms
         # contiguous: what a stage sends must be (a compiled graph may return other strides)
         return carry + log_prior if self.last else (h_out.contiguous(), carry.contiguous())
@@ -144,8 +153,8 @@ def initialise_on_host(model: nn.Module, part: nn.Module, batch: torch.Tensor, d
 def stage_module(trainer: PartTrainer, first: bool, last: bool, compile_: bool) -> StageLikelihood:
     """The stage a schedule drives; compiled after the ActNorms' data-dependent start, as PartTrainer compiles."""
     module = StageLikelihood(trainer.module, first, last)
-    if compile_:
-        module.likelihood.compile()  # (the stage's own forward stays eager: it hands on contiguous tensors)
+    if compile_:  # what the stage runs (its own forward stays eager: it hands on contiguous tensors)
+        (module.likelihood if last else module.likelihood.part).compile()
     return module
 
 

@@ -111,3 +111,29 @@ def test_the_targets_against_gpipe_and_1f1b_flip_at_their_thresholds(pipeline_sp
     targets = _pipelined_targets(runs)
     assert [t["met"] for t in targets] == met
     assert targets[0]["note"] == "against 1f1b x2"  # the better of the two peers
+
+
+def test_only_the_last_stage_evaluates_a_prior():
+    """Fine-tuning trains the glued flow: a boundary prior (the `flow` head: two flow steps) has no term in
+    it, so a middle stage must not spend a forward pass on it; the last stage adds the model's top prior."""
+    import torch
+
+    from conftest import make_glow
+    from pipeflow.objective import PartLikelihood
+    from pipeflow.parts import split_into_parts
+    from pipeflow.pipelined_finetune import StageLikelihood
+
+    model = make_glow(levels=2, steps=2)
+    first, last = split_into_parts(model, "across", 2, boundary_prior="flow")
+    first.prior.double()
+
+    def never(h):
+        raise AssertionError("the boundary prior ran in fine-tuning")
+
+    first.prior.log_prob = never
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64) - 0.5
+    h, carry = StageLikelihood(PartLikelihood(first), True, False)(x)
+    h_ref, logdet, logp_factored = first(x)
+    assert torch.equal(h, h_ref) and torch.equal(carry, logdet + logp_factored)
+    log_p = StageLikelihood(PartLikelihood(last), False, True)(h, carry)
+    assert torch.allclose(log_p, model.log_prob(x))  # the glued flow's log-likelihood
