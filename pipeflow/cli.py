@@ -36,7 +36,8 @@ class OneLineUsageErrors(TyperGroup):
         try:
             code = super().main(args, prog_name, standalone_mode=False, **extra)
         except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:
-            exc.show()  # no command given: the help itself
+            if exc.format_message():  # no command given: the help (rich has printed it already)
+                exc.show()
             sys.exit(exc.exit_code)
         except click_errors.ClickException as exc:
             command = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""

@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None, hooks_for: Callable[[int, int], "RankHoo
     who = RankEnv.from_environ()
     rank, world, attempt = who.rank, who.world, who.attempt
     try:
-        args = _parser().parse_args(argv)
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as exc:  # --help, printed: argparse's only exit (a bad argument raises UserError)
+            return 0 if exc.code is None else int(exc.code)
         resume = args.resume == "auto" or attempt > 0  # a restart continues its own run
         force = args.force and attempt == 0  # ... and never clears what the first attempt saved
         overrides = [*args.overrides, *([f"distributed.backend={args.backend}"] if args.backend else [])]
@@ -153,8 +156,6 @@ def run(hooks_for: Callable[[int, int], "RankHooks"] | None = None) -> None:
     """
     try:
         code = main(None, hooks_for)
-    except SystemExit as exc:  # --help
-        code = exc.code
     except BaseException:  # noqa: BLE001 (a bug: show it, and still never hang on teardown)
         import traceback  # noqa: PLC0415
 

@@ -377,6 +377,26 @@ def test_flop_model_counts_what_torch_counts(coupling):
     assert checked == 4 + 1
 
 
+@pytest.mark.parametrize("name", ["standard", "position", "conditional", "flow"])
+def test_flop_model_counts_a_boundary_prior_as_torch_does(name):
+    """A part's FLOPs include its boundary prior's (the flow head's steps, the conditional prior's
+    convolution), which training by parts runs; fine-tuning's count leaves them out."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeflow.parts import split_into_parts
+    from pipeflow.tools.flops import part_flops, prior_flops
+
+    model = make_glow(levels=2, steps=2, hidden=8)
+    first, last = split_into_parts(model, "across", 2, boundary_prior=name)
+    h = torch.rand(32, *first.out_shape, dtype=torch.float64)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        first.prior.double().log_prob(h)
+    counted, ours = counter.get_total_flops() / 32, prior_flops(first.prior, first.out_shape)
+    assert ours == counted == 0 if name in ("standard", "position") else 0.98 <= ours / counted <= 1.1
+    with_priors, without = part_flops(model, [first, last]), part_flops(model, [first, last], with_priors=False)
+    assert with_priors == [without[0] + ours, without[1]]  # the last part's prior is the model's top prior
+
+
 def test_alternate_cost_ratio_by_hand():
     from pipeflow.tools.flops import alternate_cost_ratio
 

@@ -270,7 +270,8 @@ def _pipelined_metrics(results: list[dict], warmup: int, steps: int) -> dict:
         ranks.append({"rank": r["rank"], "stage": r["stage"], "busy_fraction": busy / window if window > 0 else None,
                       "busy_seconds_per_step": busy / steps, "idle_seconds_per_step": (window - busy) / steps,
                       "forward_bytes_per_step": fwd, "backward_bytes_per_step": bwd, "sent_bytes_per_step": fwd + bwd,
-                      "conv_flops_per_s": r.get("conv_flops_per_s"), "params": r["params"], "in_shape": r["in_shape"], "out_shape": r["out_shape"], **_memory(r)})
+                      "conv_flops_per_s": r.get("conv_flops_per_s"), "params": r["params"],
+                      "in_shape": r["in_shape"], "out_shape": r["out_shape"], **_memory(r)})
     return {"step_seconds": _median(per_step), "step_seconds_mean": statistics.fmean(per_step), "step_times": per_step,
             "warmup_seconds": max(r["intervals"][warmup - 1][1] for r in results) - t0,
             "ranks": ranks, "forward_bytes_per_step": sum(x["forward_bytes_per_step"] for x in ranks),
@@ -482,11 +483,12 @@ def _describe_split(model, parts: list, measured: tuple[list[float], list[float]
     train, forward = measured or (None, None)
     cuts = cuts_of(parts)
     pf = part_flops(model, parts)
+    glued = part_flops(model, parts, with_priors=False)  # what fine-tuning the glued flow runs
     split = {
         "cuts": cuts, "same_as": None,
-        "parts": [{"steps": list(r.steps), "params": r.params, "flops": r.flops, "flop_share": r.share,
-                   "measured_share": r.measured_share, "in_shape": list(r.in_shape),
-                   "out_shape": list(r.out_shape)} for r in describe_parts(model, parts, train)],
+        "parts": [{"steps": list(r.steps), "params": r.params, "flops": r.flops, "flops_glued": g,
+                   "flop_share": r.share, "measured_share": r.measured_share, "in_shape": list(r.in_shape),
+                   "out_shape": list(r.out_shape)} for r, g in zip(describe_parts(model, parts, train), glued)],
         "flop_model": {"alternate_step": alternate_cost_ratio(pf), "pipeline_step": stage_cost_ratio(pf)},
     }
     if train:
@@ -618,9 +620,10 @@ def _add_utilisation(r: dict, report: dict) -> None:
     if r["kind"] not in ("pipeline", "pipelined"):
         return
     parts = report["splits"].get(r["scheme"], {}).get("parts", [])
+    key = "flops" if r["kind"] == "pipeline" else "flops_glued"  # by parts with its boundary prior, or fine-tuning
     for x, part in zip(r["ranks"], parts):
         busy, own = x["busy_seconds_per_step"], x.get("conv_flops_per_s")
-        x["flops_per_s"] = train * part["flops"] / busy if busy else None
+        x["flops_per_s"] = train * part[key] / busy if busy else None
         x["utilisation"] = x["flops_per_s"] / own if own and x["flops_per_s"] else None
 
 

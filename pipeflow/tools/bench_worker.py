@@ -396,7 +396,8 @@ def run_pipelined_mode(spec: dict, rank: int, device: torch.device, memory: Memo
     c, h, w = model.input_shape
     part = parts[rank]
     initialise_on_host(model, part, batches[0], device)  # as pipelined fine-tuning does with no by-parts epochs
-    params = sum(p.numel() for p in part.parameters())
+    trained = [*part.layers.parameters(), *(part.prior.parameters() if rank == world - 1 else [])]
+    params = sum(p.numel() for p in trained)  # the glued flow's: a boundary prior has no term in fine-tuning
     del model, parts  # this rank holds its part only
     t = cfg.train
     trainer = PartTrainer(part, t.lr, t, c * h * w, spec["n_bins"], name=f"part {rank}")

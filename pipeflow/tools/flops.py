@@ -63,10 +63,22 @@ def step_flops(model: Glow) -> list[float]:
     return costs
 
 
-def part_flops(model: Glow, parts: Sequence[nn.Module]) -> list[float]:
-    """Forward FLOPs per image of each part."""
+def prior_flops(prior: nn.Module, shape: tuple[int, int, int]) -> float:
+    """Forward FLOPs per image of a boundary prior on ``shape``: the convolutions of the ``flow`` head's steps
+    and of the ``conditional`` prior's prediction (a Gaussian's own few per element are not counted)."""
+    _, h, w = shape
+    steps = [m for m in prior.modules() if isinstance(m, FlowStep)]
+    predict = getattr(prior, "predict", None)
+    conv = _conv(predict.conv.in_channels, predict.conv.out_channels, 3, h * w) if predict is not None else 0.0
+    return sum(layer_flops(step, shape) for step in steps) + conv
+
+
+def part_flops(model: Glow, parts: Sequence[nn.Module], with_priors: bool = True) -> list[float]:
+    """Forward FLOPs per image of each part, by default with its boundary prior (what training by parts runs;
+    fine-tuning the glued flow runs the parts' layers only)."""
     per_step = step_flops(model)
-    return [sum(per_step[i] for i in part.steps) for part in parts]
+    return [sum(per_step[i] for i in part.steps) + (prior_flops(part.prior, part.out_shape) if with_priors else 0.0)
+            for part in parts]
 
 
 def alternate_cost_ratio(forward_flops: Sequence[float]) -> float:
