@@ -5,8 +5,8 @@ Part k maps h_{k-1} to h_k and minimises
     L_k = -log p_k(h_k) - log|det dh_k/dh_{k-1}| - sum_{splits in k} log p(z | h_kept)
 
 with p_k the part's *boundary prior* (N(0, I) in the paper; the config's default here is a
-small flow head, see :mod:`pipeflow.priors`; the real top prior for the last part). The log-dets of the parts before k are constants for part k, so they are dropped,
-and its input arrives detached: no gradient crosses a part boundary.
+small flow head, see :mod:`pipeflow.priors`; the real top prior for the last part). The
+log-dets of the parts before k are constants for part k, so they are dropped, and its input arrives detached: no gradient crosses a part boundary.
 
 Those dropped terms are still useful: carried forward as one per-sample number, they
 give every part the exact log-likelihood of the *prefix flow* f_k o ... o f_1 with prior
