@@ -6,7 +6,8 @@ Part k maps h_{k-1} to h_k and minimises
 
 with p_k the part's *boundary prior* (N(0, I) in the paper; the config's default here is a
 small flow head, see :mod:`pipeflow.priors`; the real top prior for the last part). The
-log-dets of the parts before k are constants for part k, so they are dropped, and its input arrives detached: no gradient crosses a part boundary.
+log-dets of the parts before k are constants for part k, so they are dropped, and its input
+arrives detached: no gradient crosses a part boundary.
 
 Those dropped terms are still useful: carried forward as one per-sample number, they
 give every part the exact log-likelihood of the *prefix flow* f_k o ... o f_1 with prior
