@@ -82,7 +82,8 @@ def test_compiled_pipelined_finetuning_trains_as_the_eager_one_does(tmp_path):
     fine-tuning loss and the final test bits/dim within 1e-4 bits/dim of the eager run's."""
     config = write_config(tmp_path, MULTIRANK, SMALLEST, {"parts.count": 2, "parts.scheme": "across",
                                                           "train.by_parts_epochs": 1, "train.finetune_epochs": 1,
-                                                          "distributed.finetune": "pipeline", "model.steps": 2})
+                                                          "distributed.finetune": "pipeline", "model.steps": 2,
+                                                          "parts.boundary_prior": "standard"})
     ok(torchrun(2, config, tmp_path / "eager"))
     ok(torchrun(2, config, tmp_path / "compiled", "--set", "train.compile=true", timeout=600))
 

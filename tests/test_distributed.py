@@ -164,7 +164,9 @@ def test_stage_replicas_average_their_gradients(tmp_path):
 
 
 def test_two_replicas_of_a_two_stage_pipeline(tmp_path):
-    config = multirank_config(tmp_path, parts=2)
+    # the standard prior: the flow head's zero-initialised layers turn rounding into sign flips of Adam's
+    # first updates, beyond this tolerance (the replicas' exact agreement with the head is tested below)
+    config = multirank_config(tmp_path, parts=2, **{"parts.boundary_prior": "standard"})
     ok(torchrun(4, config, tmp_path / "dist"))
     single_device(config, tmp_path / "single")
     run = summary(tmp_path / "dist")
@@ -174,6 +176,24 @@ def test_two_replicas_of_a_two_stage_pipeline(tmp_path):
     # each replica takes half of every batch and the stage averages gradients: the single-device
     # pipeline on the whole batch, up to the order of floating-point sums (Adam amplifies it a little)
     assert max_difference(tmp_path / "dist", tmp_path / "single") < 1e-3
+
+
+def test_replicas_of_a_stage_hold_the_same_part_and_flow_head_bit_for_bit(tmp_path):
+    """The ActNorm trap: a replica that initialised its ActNorms (the flow head's among them) from its own
+    rows of the first batch would drift from the others for good. Every replica starts from the whole
+    first batch and averages its gradients, so the replicas of a stage end identical, to the bit."""
+    config = multirank_config(tmp_path, parts=2, **{"parts.boundary_prior": "flow"})
+    ok(torchrun(4, config, tmp_path / "dist"))
+
+    def last_part(rank: int) -> dict:
+        newest = sorted((tmp_path / "dist" / "checkpoints" / f"rank{rank}").glob("step-*.pt"))[-1]
+        return torch.load(newest, weights_only=False)["modules"][0]
+
+    ranks = summary(tmp_path / "dist")["ranks"]
+    for stage in (0, 1):
+        first, second = (last_part(r["rank"]) for r in ranks if r["stage"] == stage)
+        assert first.keys() == second.keys() and any(k.startswith("prior.steps.") for k in first) == (stage == 0)
+        assert all(torch.equal(first[k], second[k]) for k in first), stage
 
 
 def test_wrong_process_count_is_one_line_and_status_2_on_every_rank(tmp_path):

@@ -79,9 +79,14 @@ def parse_runs(runs: str | Sequence[str] | None) -> list[tuple[str, str, int]]:
     return parsed
 
 
+# What an end-to-end run leaves out of the by-parts config it is compared with: there are no parts to feed.
+END_TO_END = ("train.feed_ema=0",)
+
+
 def run_config(cfg: Config, schedule: str, parts: int) -> Config:
     """The config of one run: ``cfg`` with its schedule and number of parts."""
-    return with_overrides(cfg, [f"train.schedule={schedule}", f"parts.count={parts}"])
+    return with_overrides(cfg, [f"train.schedule={schedule}", f"parts.count={parts}",
+                                *(END_TO_END if schedule == "e2e" else ())])
 
 
 class _CpuClock:

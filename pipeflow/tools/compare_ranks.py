@@ -43,7 +43,7 @@ from typing import Sequence
 from pipeflow.checkpoint import atomic_write_json
 from pipeflow.config import Config, to_toml, with_overrides
 from pipeflow.errors import UserError
-from pipeflow.tools.compare import CLAIM_BPD, Log, _bpd_at, _load_avg, _torch_version, output_dir
+from pipeflow.tools.compare import CLAIM_BPD, END_TO_END, Log, _bpd_at, _load_avg, _torch_version, output_dir
 
 FINETUNE_MODES = ("ddp", "rank0", "pipeline")
 # Target 2 of the issue: by parts + fine-tuning within CLAIM_BPD of DDP in at most 0.8 of its wall-clock
@@ -131,7 +131,7 @@ def rank_run_config(cfg: Config, run: RankRun, seed: int, threads: int, ranks: i
     if run.kind == "pipeline":
         sets += ["train.schedule=pipeline", f"parts.count={ranks}", f"distributed.finetune={run.finetune}"]
     else:
-        sets += ["train.schedule=e2e", "parts.count=1"]
+        sets += ["train.schedule=e2e", "parts.count=1", *END_TO_END]
     return with_overrides(cfg, sets)
 
 
