@@ -204,15 +204,17 @@ def test_parse_runs():
 
 
 def test_an_option_of_training_by_parts_stays_with_the_by_parts_runs():
-    """``--set train.feed_ema=0.99`` asks for it by parts; e2e and DDP have no parts to feed, and had refused
-    the whole comparison ('train.feed_ema applies to the pipeline and alternate schedules, not e2e')."""
+    """``--set train.feed_ema=0.99`` (or ``train.find_lr_steps``) asks for it by parts; e2e and DDP have no parts
+    to feed (or find rates for), and had refused the whole comparison ('train.feed_ema applies to ...')."""
     from pipeflow.tools.compare_ranks import parse_rank_runs, rank_run_config
 
-    fed = with_overrides(from_dict(TINY), ["train.schedule=pipeline", "train.feed_ema=0.99"])
+    fed = with_overrides(from_dict(TINY), ["train.schedule=pipeline", "train.feed_ema=0.99", "train.find_lr_steps=5"])
     assert run_config(fed, "e2e", 1).train.feed_ema == 0 and run_config(fed, "alternate", 2).train.feed_ema == 0.99
     runs = {run.name: run for run in parse_rank_runs("e2e,ddp2,pipeline2-ddp", 2)}
     assert {name: rank_run_config(fed, run, 0, 1, 2).train.feed_ema for name, run in runs.items()} == {
         "e2e": 0, "ddp2": 0, "pipeline2-ddp": 0.99}
+    assert {name: rank_run_config(fed, run, 0, 1, 2).train.find_lr_steps for name, run in runs.items()} == {
+        "e2e": 0, "ddp2": 0, "pipeline2-ddp": 5}
 
 
 def test_cli_compare(tmp_path):

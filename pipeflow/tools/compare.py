@@ -79,8 +79,9 @@ def parse_runs(runs: str | Sequence[str] | None) -> list[tuple[str, str, int]]:
     return parsed
 
 
-# What an end-to-end run leaves out of the by-parts config it is compared with: there are no parts to feed.
-END_TO_END = ("train.feed_ema=0",)
+# What an end-to-end run leaves out of the by-parts config it is compared with: it has no parts to feed or
+# to find rates for (it trains at train.lr).
+END_TO_END = ("train.feed_ema=0", "train.find_lr_steps=0")
 
 
 def run_config(cfg: Config, schedule: str, parts: int) -> Config:
