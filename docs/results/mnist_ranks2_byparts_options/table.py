@@ -41,5 +41,6 @@ for name in [n for n in names if (HERE / f"{PREFIX}{n}").exists()]:
     for s in ("0", "1"):
         t = min(rs[s]["train_seconds"], ddp[s]["train_seconds"])
         equal.append(ema_at(rs[s], t) - ema_at(ddp[s], t))
-    print(f"| {name} | {sum(ema) / 2:.3f} ({ema[0]:.3f}, {ema[1]:.3f}) | {sum(raw) / 2:.3f} ({raw[0]:.3f}, {raw[1]:.3f}) "
-          f"| {secs[0]:.1f}, {secs[1]:.1f} | {end:+.3f} | {sum(equal) / 2:+.3f} ({equal[0]:+.3f}, {equal[1]:+.3f}) |")
+    print(f"| {name} | {sum(ema) / 2:.3f} ({ema[0]:.3f}, {ema[1]:.3f}) "
+          f"| {sum(raw) / 2:.3f} ({raw[0]:.3f}, {raw[1]:.3f}) | {secs[0]:.1f}, {secs[1]:.1f} "
+          f"| {end:+.3f} | {sum(equal) / 2:+.3f} ({equal[0]:+.3f}, {equal[1]:+.3f}) |")
