@@ -2,7 +2,7 @@
 each option's final bits/dim (averaged weights and raw), its training seconds, and its bits/dim at equal
 wall-clock with DDP at lr 1e-3 of the same seed (the shorter run's last second; linear between evaluations).
 
-    python docs/results/mnist_ranks2_byparts_options/table.py [fashion]
+    python docs/results/ranks2_byparts_options/table.py [fashion]
 """
 import json
 import sys
