@@ -58,8 +58,14 @@ class PartLikelihood(nn.Module):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(h_out, log|det| + log p(factored z), log p_prior(h_out))``, per sample."""
+        h_out, own_terms = self.own_terms(h)
+        return h_out, own_terms, self.part.prior.log_prob(h_out)
+
+    def own_terms(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h_out, log|det| + log p(factored z))``: every term but the prior on h_out (which fine-tuning the
+        glued flow has only for its last part)."""
         h_out, logdet, logp_factored = self.part(h)
-        return h_out, logdet + logp_factored, self.part.prior.log_prob(h_out)
+        return h_out, logdet + logp_factored
 
 
 def part_objective(likelihood: nn.Module, h_in: torch.Tensor, carry: torch.Tensor, num_dims: int,

@@ -74,8 +74,7 @@ class StageLikelihood(nn.Module):
         if self.last:
             h_out, own_terms, log_prior = self.likelihood(h)
         else:
-            h_out, logdet, logp_factored = self.likelihood.part(h)
-            own_terms = logdet + logp_factored
+            h_out, own_terms = self.likelihood.own_terms(h)
         carry = own_terms if carry is None else carry + own_terms
         # contiguous: what a stage sends must be (a compiled graph may return other strides)
         return carry + log_prior if self.last else (h_out.contiguous(), carry.contiguous())
