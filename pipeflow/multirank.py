@@ -237,6 +237,11 @@ def agree_on_config(cfg: Config, ctx: RankContext, out: Path, force: bool, resum
         if cfg.distributed.finetune == "pipeline" and topo.stages > 1 and t.finetune_epochs and t.batch_size % pieces:
             raise UserError(f"train.batch_size = {t.batch_size} must be a multiple of distributed.microbatches "
                             f"({cfg.distributed.microbatches}) x {topo.replicas} replicas for pipelined fine-tuning")
+        d = cfg.distributed
+        if d.finetune == "pipeline" and d.pipeline_schedule == "1f1b" and d.microbatches < topo.stages \
+                and t.finetune_epochs:  # torch's 1F1B refuses it, but only once fine-tuning starts
+            raise UserError(f"distributed.microbatches = {d.microbatches} must be at least the {topo.stages} "
+                            "stages for the 1f1b schedule (or distributed.pipeline_schedule = 'gpipe')")
         return dataset_shape(cfg.data)
 
     shape = every_rank_agrees("checking the config", ctx.device, cfg.distributed.timeout_s, check)

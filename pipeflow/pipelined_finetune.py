@@ -29,7 +29,8 @@ from torch import nn
 
 from pipeflow.averaging import WeightAverage, weight_average
 from pipeflow.data import load_dataset
-from pipeflow.distributed.collectives import broadcast_object, gather_to_rank0, gradient_averager
+from pipeflow.distributed.collectives import (broadcast_object, broadcast_tensors, gather_to_rank0, gradient_averager,
+                                              guard)
 from pipeflow.distributed.pipelined import PipelinedStage, forward_only, pipeline_groups
 from pipeflow.distributed.transport import link_groups
 from pipeflow.glow.model import is_initialized
@@ -204,6 +205,10 @@ def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
     rr.run.data = every_rank_agrees("loading the data", rr, rr.timeout, lambda: rr.run.data or (
         load_dataset(cfg.data) if topo.is_first else None))
     stage_group = link_groups(topo, rr.timeout).stage
+    if stage_group is not None and not resumed:  # replica 0's weights, not only the same seed (as by parts starts)
+        with guard(f"the first weights of stage {topo.stage}", rr.timeout):
+            broadcast_tensors(rr.run.parts[topo.stage].state_dict().values(), src=topo.stage_ranks(topo.stage)[0],
+                              group=stage_group)
     chain_group = pipeline_groups(topo.stages, topo.replicas, topo.rank, rr.timeout)
     trainer = stage_trainer(rr)
     if resumed:
@@ -219,7 +224,7 @@ def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
     stepper = PipelinedTrainer(trainer, pipe, grads, topo.replicas, rr.device, rr.run.n_bins, rr.state, ema)
     _run(rr, phase, stepper, lambda msg, means: _evaluate(rr, phase, module, chain_group, msg.epoch, ema))
     rr.state.tally(phase.name).skipped = trainer.skipped
-    sent = torch.tensor(stepper.count_bytes(rr.state), dtype=torch.float64)
+    sent = torch.tensor(stepper.count_bytes(rr.state), dtype=torch.float64, device=rr.device)  # NCCL: on the device
     dist.all_reduce(sent)  # every rank's, for the summary
     totals = (int(v) for v in sent.tolist())
     rr.state.comm["finetune_forward_bytes"], rr.state.comm["finetune_backward_bytes"], allreduce = totals

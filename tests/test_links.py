@@ -162,3 +162,14 @@ def test_torch_distributed_error_types_are_peer_trouble_and_others_are_not():
     assert is_peer_trouble(dist.DistNetworkError("connection reset"))
     assert not is_peer_trouble(RuntimeError("NCCL error: gloo timed out, peer closed"))
     assert not is_peer_trouble(PeerSilent("rank 1 is silent"))
+
+
+def test_a_plain_runtime_error_from_torch_distributed_is_peer_trouble_under_gloo_only(monkeypatch):
+    """Gloo's timeouts are plain RuntimeErrors from torch.distributed; under NCCL one is a misuse (a CPU
+    tensor handed to a collective) and must not be re-worded as a silent peer."""
+    with pytest.raises(RuntimeError) as raised:
+        dist.rendezvous("nowhere://")  # a plain RuntimeError raised inside torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    for backend, trouble in (("gloo", True), ("nccl", False)):
+        monkeypatch.setattr(dist, "get_backend", lambda group=None, b=backend: b)
+        assert is_peer_trouble(raised.value) is trouble

@@ -95,6 +95,18 @@ def test_microbatches_that_do_not_divide_the_batch_are_refused_before_training(t
     assert not (tmp_path / "pipe").exists()
 
 
+def test_1f1b_with_fewer_microbatches_than_stages_is_refused_before_training(tmp_path):
+    """torch's 1F1B schedule raises only when fine-tuning begins, after the whole by-parts phase."""
+    config = pipelined_config(tmp_path, 3, **{"distributed.microbatches": 2, "distributed.pipeline_schedule": "1f1b"})
+    result = torchrun(3, config, tmp_path / "pipe", timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pipeflow.launch: error")]
+    assert sorted(errors) == [f"pipeflow.launch: error (rank {r}): distributed.microbatches = 2 must be at least "
+                              "the 3 stages for the 1f1b schedule (or distributed.pipeline_schedule = 'gpipe')"
+                              for r in range(3)]
+    assert "exitcode  : 2" in result.stderr
+    assert not (tmp_path / "pipe").exists()
+
+
 def _run(name: str, kind: str, images_per_s: float, peaks: list[int]) -> dict:
     return {"name": name, "kind": kind, "images_per_s": images_per_s, "bandwidth": 0.0,
             "ranks": [{"peak_memory_bytes": p} for p in peaks]}

@@ -41,11 +41,14 @@ def is_peer_trouble(exc: BaseException) -> bool:
     aborted work, DistNetworkError, DistStoreError). Gloo raises a plain RuntimeError on a
     timeout or a closed pair ("Application timeout caused pair closure"), so for gloo the cause
     is where it came from: a RuntimeError of exactly that type raised inside torch.distributed.
-    Our own errors (PeerSilent, TrainingDiverged, ...) are never peer trouble to re-word.
+    Under NCCL such an error is a misuse (a CPU tensor handed to a collective): it must surface as
+    itself, not as a silent peer. Our own errors (PeerSilent, TrainingDiverged, ...) are never
+    peer trouble to re-word.
     """
     if isinstance(exc, dist.DistError):
         return True
-    return type(exc) is RuntimeError and _raised_by_torch_distributed(exc)
+    gloo = dist.is_initialized() and dist.get_backend() == "gloo"
+    return gloo and type(exc) is RuntimeError and _raised_by_torch_distributed(exc)
 
 
 @contextlib.contextmanager
