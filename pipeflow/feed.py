@@ -22,15 +22,14 @@ import torch
 from torch import nn
 
 from pipeflow.averaging import fold
-from pipeflow.objective import PartLikelihood, PartOutput, part_objective
+from pipeflow.objective import PartLikelihood, PartOutput, hand_on
 
 
 class EmaFeed:
     """An averaged copy of a part (its layers and prior), whose output the next part trains on."""
 
-    def __init__(self, part: nn.Module, decay: float, num_dims: int, n_bins: int):
+    def __init__(self, part: nn.Module, decay: float):
         self.part, self.decay = part, decay
-        self.num_dims, self.n_bins = num_dims, n_bins
         self.average: nn.Module | None = None  # copied at the first update, once every ActNorm has seen data
         self.updates = 0
 
@@ -47,11 +46,9 @@ class EmaFeed:
         self.updates += 1
 
     @torch.no_grad()
-    def forward(self, h: torch.Tensor, carry: torch.Tensor) -> PartOutput:
-        """The averaged part's output (the prefix carry and bits/dim are those of the averaged prefix)."""
-        if self.average is None:
-            return part_objective(PartLikelihood(self.part), h, carry, self.num_dims, self.n_bins)
-        return part_objective(PartLikelihood(self.average), h, carry, self.num_dims, self.n_bins)
+    def hand_on(self, h: torch.Tensor, carry: torch.Tensor) -> PartOutput:
+        """The averaged part's output and carried terms (those of the averaged prefix); no prior's terms."""
+        return hand_on(PartLikelihood(self.part if self.average is None else self.average), h, carry)
 
     def state_dict(self) -> dict:
         return {"updates": self.updates, "average": None if self.average is None else self.average.state_dict()}
@@ -68,4 +65,4 @@ def attach_feeds(trainers, decay: float) -> None:
     """Give every trainer in ``trainers`` (parts whose output feeds another) an averaged feed; 0: none."""
     if decay > 0:
         for trainer in trainers:
-            trainer.feed = EmaFeed(trainer.part, decay, trainer.num_dims, trainer.n_bins)
+            trainer.feed = EmaFeed(trainer.part, decay)

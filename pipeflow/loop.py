@@ -49,9 +49,9 @@ def train_step(trainers: Sequence[PartTrainer], active: Sequence[int], h: torch.
             out, loss, bpd = trainers[k].train_step(h, carry)
             results.append((k, loss, bpd))
             if feed is not None and (k < max(active) or k == len(trainers) - 1):  # its output is used (or sent)
-                out = feed.forward(h, carry)
+                out = feed.hand_on(h, carry)
         else:
-            out = (feed or trainers[k]).forward(h, carry)
+            out = (feed or trainers[k]).hand_on(h, carry)
         h, carry = out.h, out.carry
     return out, results
 

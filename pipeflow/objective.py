@@ -40,9 +40,9 @@ def bits_per_dim(log_p: torch.Tensor, num_dims: int, n_bins: int) -> torch.Tenso
 @dataclass
 class PartOutput:
     h: torch.Tensor  # the part's output latent (still attached to the part's graph)
-    loss: torch.Tensor  # truncated objective in bits/dim (constants dropped), scalar
+    loss: torch.Tensor | None  # truncated objective in bits/dim (constants dropped), scalar
     carry: torch.Tensor  # per-sample sum of log-dets and factored log-probs of parts 1..k, detached
-    prefix_bpd: torch.Tensor  # per-sample bits/dim of the prefix flow with this part's prior, detached
+    prefix_bpd: torch.Tensor | None  # per-sample bits/dim of the prefix flow with this part's prior, detached
 
 
 class PartLikelihood(nn.Module):
@@ -80,3 +80,10 @@ def part_objective(likelihood: nn.Module, h_in: torch.Tensor, carry: torch.Tenso
         carry=carry + own_terms.detach(),
         prefix_bpd=bits_per_dim(prefix_log_p, num_dims, n_bins),
     )
+
+
+def hand_on(likelihood: PartLikelihood, h_in: torch.Tensor, carry: torch.Tensor) -> PartOutput:
+    """What a part hands the next one (its output and the carried terms), without its own prior: only its
+    loss and prefix bits/dim need that, and with the `flow` head it costs two flow steps."""
+    h, own_terms = likelihood.own_terms(h_in.detach())
+    return PartOutput(h=h, loss=None, carry=carry + own_terms.detach(), prefix_bpd=None)

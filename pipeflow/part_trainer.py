@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeflow.config import TrainConfig
 from pipeflow.glow.model import check_invertible
-from pipeflow.objective import PartLikelihood, PartOutput, part_objective
+from pipeflow.objective import PartLikelihood, PartOutput, hand_on, part_objective
 
 
 class TrainingDiverged(RuntimeError):
@@ -39,7 +39,7 @@ class PartTrainer:
                  grad_hook: Callable[[list[torch.Tensor]], None] | None = None,
                  agree: Callable[[bool], bool] | None = None):
         self.part = part
-        self.module = PartLikelihood(part)
+        self.likelihood = self.module = PartLikelihood(part)
         if wrap is not None:  # e.g. DistributedDataParallel for data-parallel training
             self.module = wrap(self.module)
         # train.compile: the training step's forward and objective as one graph, from its second call on
@@ -156,6 +156,12 @@ class PartTrainer:
         """Forward only, no graph: for parts that merely feed a later one, and evaluation (always eager)."""
         self.ran_eagerly = True
         return part_objective(self.module, h, carry, self.num_dims, self.n_bins)
+
+    @torch.no_grad()
+    def hand_on(self, h: torch.Tensor, carry: torch.Tensor) -> PartOutput:
+        """Forward only, for a part that merely feeds a later one: its output, not its prior's terms."""
+        self.ran_eagerly = True
+        return hand_on(self.likelihood, h, carry)
 
     @staticmethod
     def _detached(out: PartOutput) -> PartOutput:

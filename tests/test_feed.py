@@ -120,3 +120,21 @@ def test_a_run_with_an_averaged_feed_finishes(tmp_path, tiny_config):
 def test_bad_feed_ema_is_refused(tiny_config, overrides, words):
     with pytest.raises(UserError, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         with_overrides(tiny_config, overrides)
+
+
+def test_a_part_that_only_feeds_the_next_never_runs_its_prior(tiny_config):
+    """Forward only, a part's output and carried terms are all the next part needs: its boundary prior (the
+    flow head: two flow steps) runs neither in alternate's forward pass nor in the averaged feed's."""
+    run, trainers = _trainers(with_overrides(tiny_config, ["parts.boundary_prior=flow"]), 0.9, schedule="alternate")
+    x0, x1, x2 = _batches(run)
+    zeros = torch.zeros(len(x2))
+    own = trainers[0].forward(x2, zeros)  # with its prior, as evaluation runs it
+    prior, calls = trainers[0].part.prior, []
+    log_prob = prior.log_prob
+    prior.log_prob = lambda h: calls.append(len(h)) or log_prob(h)
+    handed = trainers[0].hand_on(x2, zeros)
+    assert torch.equal(handed.h, own.h) and torch.equal(handed.carry, own.carry) and calls == []
+    train_step(trainers, [0], x0)  # part 1's turn: its own loss needs its prior, once
+    assert calls == [len(x0)]
+    train_step(trainers, [1], x1)  # part 2's turn: part 1's average runs forward only
+    assert calls == [len(x0)] and trainers[0].feed.average is not None
