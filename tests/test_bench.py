@@ -404,6 +404,9 @@ def test_alternate_cost_ratio_by_hand():
     # under no_grad) + 3*3; an e2e step 3*4. Mean (3 + 10) / 2 / 12 = 13/24.
     assert alternate_cost_ratio([1.0, 3.0]) == pytest.approx(13 / 24)
     assert alternate_cost_ratio([2.0]) == 1.0
+    # part 1 with a boundary prior of cost 0.5: its own step runs it (3*1.5), the step of part 2 runs
+    # part 1 without it (1 + 3*3), and end to end never runs it (3*4): (4.5 + 10) / 2 / 12
+    assert alternate_cost_ratio([1.5, 3.0], [1.0, 3.0]) == pytest.approx(14.5 / 24)
 
 
 @pytest.mark.parametrize("compiled_step, expected_met", [(0.35, True), (0.37, False)])

@@ -489,7 +489,7 @@ def _describe_split(model, parts: list, measured: tuple[list[float], list[float]
         "parts": [{"steps": list(r.steps), "params": r.params, "flops": r.flops, "flops_glued": g,
                    "flop_share": r.share, "measured_share": r.measured_share, "in_shape": list(r.in_shape),
                    "out_shape": list(r.out_shape)} for r, g in zip(describe_parts(model, parts, train), glued)],
-        "flop_model": {"alternate_step": alternate_cost_ratio(pf), "pipeline_step": stage_cost_ratio(pf)},
+        "flop_model": {"alternate_step": alternate_cost_ratio(pf, glued), "pipeline_step": stage_cost_ratio(pf)},
     }
     if train:
         split["measured_model"] = {"alternate_step": measured_alternate_ratio(train, forward, cuts),

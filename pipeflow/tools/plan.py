@@ -60,7 +60,7 @@ def scheme_parts(cfg: Config, model: Glow, scheme: str, count: int,
 
 def predicted_ratios(cfg: Config, model: Glow, parts: list[Part]) -> dict[str, float]:
     """FLOP-model predictions: an alternate step, and the whole paper-style plan, relative to end-to-end."""
-    step = alternate_cost_ratio(part_flops(model, parts))
+    step = alternate_cost_ratio(part_flops(model, parts), part_flops(model, parts, with_priors=False))
     t = cfg.train
     return {"alternate_step": step, "plan": paper_plan_ratio(step, t.by_parts_epochs, t.finetune_epochs)}
 
