@@ -110,7 +110,8 @@ def test_bench_runs_everything_and_writes_json(full_bench):
 
     alt = report["predictions"]["alternate"]
     assert alt["step_ratio"]["flop_model"] == pytest.approx(split["flop_model"]["alternate_step"])
-    assert alt["step_ratio"]["flop_model"] < alt["plan_ratio"]["flop_model"] < 1  # fine-tuning costs e2e's
+    step, plan = alt["step_ratio"]["flop_model"], alt["plan_ratio"]["flop_model"]
+    assert min(step, 1) < plan < max(step, 1)  # fine-tuning costs e2e's (a head larger than a part: step > 1)
     assert report["predictions"]["distributed"]["scheme"] == "across"
     assert {t["target"].split(" ")[0] for t in report["targets"]} >= {"2", "balanced", "peak", "alternate"}
     assert "pipeflow bench" in result.stdout and "speed-up" in result.stdout

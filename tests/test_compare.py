@@ -53,7 +53,8 @@ def check_outputs(out: Path, results: dict, names=DEFAULT_RUNS) -> None:
             assert run["time_ratio"] == 1.0 and run["bpd_diff"] == 0.0 and run["by_parts_test_bpd"] is None
         else:
             assert isinstance(run["by_parts_test_bpd"], float)
-            assert 0 < run["predicted"]["step"] <= 1 and 0 < run["predicted"]["plan"] <= 1
+            step, plan = run["predicted"]["step"], run["predicted"]["plan"]
+            assert 0 < step and min(step, 1) <= plan <= max(step, 1)  # fine-tuning costs e2e's
         assert is_png(out / run["sample"]), name
     assert on_disk["plots"] == ["plots/bpd_vs_time.png", "plots/bpd_vs_cpu.png", "plots/bpd_vs_epoch.png"]
     for plot in on_disk["plots"]:
