@@ -153,13 +153,14 @@ class PartTrainer:
 
     @torch.no_grad()
     def forward(self, h: torch.Tensor, carry: torch.Tensor) -> PartOutput:
-        """Forward only, no graph: for parts that merely feed a later one, and evaluation (always eager)."""
+        """Forward only, no graph, with the prior's terms: evaluation and the ActNorms' start (always eager)."""
         self.ran_eagerly = True
         return part_objective(self.module, h, carry, self.num_dims, self.n_bins)
 
     @torch.no_grad()
     def hand_on(self, h: torch.Tensor, carry: torch.Tensor) -> PartOutput:
-        """Forward only, for a part that merely feeds a later one: its output, not its prior's terms."""
+        """Forward only, for a part that merely feeds a later one: its output, not its prior's terms.
+        (The prior's ActNorms have started by then: a run's first message, INIT, runs every part's ``forward``.)"""
         self.ran_eagerly = True
         return hand_on(self.likelihood, h, carry)
 

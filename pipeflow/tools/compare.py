@@ -155,7 +155,8 @@ def _bpd_at(history: list[dict], x: float | None, key: str) -> float | None:
 
 
 def _predicted(cfg: Config, schedule: str, parts: int) -> dict | None:
-    """FLOP-model prediction of the run's time relative to end-to-end (pipeline: the same work)."""
+    """FLOP-model prediction of the run's time relative to end-to-end (pipeline: the same work plus the
+    boundary priors)."""
     from pipeflow.data import dataset_shape  # noqa: PLC0415
     from pipeflow.tools.flops import BACKWARD_FACTOR, paper_plan_ratio, part_flops  # noqa: PLC0415
     from pipeflow.tools.plan import predicted_ratios, scheme_parts  # noqa: PLC0415
@@ -170,12 +171,12 @@ def _predicted(cfg: Config, schedule: str, parts: int) -> dict | None:
     if schedule == "alternate":
         ratios = predicted_ratios(cfg, model, cut)
         return {"step": ratios["alternate_step"], "plan": ratios["plan"]}
-    if schedule == "pipeline":
-        step = 1.0  # one device runs every part on every batch: the same work as end to end
-    else:  # sequential: part k trains (earlier parts forward only) for its share of the epochs
-        flops = part_flops(model, cut)
-        total = (1 + BACKWARD_FACTOR) * sum(flops)
-        cost = [(sum(flops[:k]) + (1 + BACKWARD_FACTOR) * f) / total for k, f in enumerate(flops)]
+    trained, handed = part_flops(model, cut), part_flops(model, cut, with_priors=False)
+    whole = (1 + BACKWARD_FACTOR) * (sum(handed[:-1]) + trained[-1])  # e2e runs no boundary prior
+    if schedule == "pipeline":  # every part trains on every batch, each with its boundary prior
+        step = (1 + BACKWARD_FACTOR) * sum(trained) / whole
+    else:  # sequential: part k trains (earlier parts forward only, without their priors) for its share of the epochs
+        cost = [(sum(handed[:k]) + (1 + BACKWARD_FACTOR) * f) / whole for k, f in enumerate(trained)]
         epochs = max(t.by_parts_epochs, 1)
         step = sum(cost[active_parts("sequential", parts, e, 0, epochs, 0)[0]] for e in range(epochs)) / epochs
     return {"step": step, "plan": paper_plan_ratio(step, t.by_parts_epochs, t.finetune_epochs)}
