@@ -158,7 +158,7 @@ def _predicted(cfg: Config, schedule: str, parts: int) -> dict | None:
     """FLOP-model prediction of the run's time relative to end-to-end (pipeline: the same work plus the
     boundary priors)."""
     from pipeflow.data import dataset_shape  # noqa: PLC0415
-    from pipeflow.tools.flops import BACKWARD_FACTOR, paper_plan_ratio, part_flops  # noqa: PLC0415
+    from pipeflow.tools.flops import paper_plan_ratio, part_flops, part_step_costs  # noqa: PLC0415
     from pipeflow.tools.plan import predicted_ratios, scheme_parts  # noqa: PLC0415
     from pipeflow.schedules import active_parts  # noqa: PLC0415
     from pipeflow.build import build_model  # noqa: PLC0415
@@ -172,11 +172,10 @@ def _predicted(cfg: Config, schedule: str, parts: int) -> dict | None:
         ratios = predicted_ratios(cfg, model, cut)
         return {"step": ratios["alternate_step"], "plan": ratios["plan"]}
     trained, handed = part_flops(model, cut), part_flops(model, cut, with_priors=False)
-    whole = (1 + BACKWARD_FACTOR) * (sum(handed[:-1]) + trained[-1])  # e2e runs no boundary prior
-    if schedule == "pipeline":  # every part trains on every batch, each with its boundary prior
-        step = (1 + BACKWARD_FACTOR) * sum(trained) / whole
-    else:  # sequential: part k trains (earlier parts forward only, without their priors) for its share of the epochs
-        cost = [(sum(handed[:k]) + (1 + BACKWARD_FACTOR) * f) / whole for k, f in enumerate(trained)]
+    if schedule == "pipeline":  # every part trains on every batch, each with its boundary prior (e2e runs none)
+        step = sum(trained) / (sum(handed[:-1]) + trained[-1])
+    else:  # sequential: part k trains (earlier parts forward only) for its share of the epochs
+        cost = part_step_costs(trained, handed)
         epochs = max(t.by_parts_epochs, 1)
         step = sum(cost[active_parts("sequential", parts, e, 0, epochs, 0)[0]] for e in range(epochs)) / epochs
     return {"step": step, "plan": paper_plan_ratio(step, t.by_parts_epochs, t.finetune_epochs)}

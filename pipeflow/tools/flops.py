@@ -81,17 +81,22 @@ def part_flops(model: Glow, parts: Sequence[nn.Module], with_priors: bool = True
             for part in parts]
 
 
-def alternate_cost_ratio(trained: Sequence[float], handed_on: Sequence[float] | None = None) -> float:
-    """Cost of an average ``alternate`` step relative to an end-to-end step.
+def part_step_costs(trained: Sequence[float], handed_on: Sequence[float] | None = None) -> list[float]:
+    """Each part's training step (the parts before it forward only), relative to an end-to-end step.
 
     ``trained``: each part's forward FLOPs with its boundary prior (what its own step runs);
     ``handed_on``: without it (what a part that only feeds a later one runs; end to end runs these
     and the last part's prior, the model's top). By default the two are the same.
     """
     handed_on = trained if handed_on is None else handed_on
-    whole = sum(handed_on[:-1]) + trained[-1]
-    per_part = [sum(handed_on[:k]) + (1 + BACKWARD_FACTOR) * f for k, f in enumerate(trained)]
-    return sum(per_part) / len(per_part) / ((1 + BACKWARD_FACTOR) * whole)
+    whole = (1 + BACKWARD_FACTOR) * (sum(handed_on[:-1]) + trained[-1])
+    return [(sum(handed_on[:k]) + (1 + BACKWARD_FACTOR) * f) / whole for k, f in enumerate(trained)]
+
+
+def alternate_cost_ratio(trained: Sequence[float], handed_on: Sequence[float] | None = None) -> float:
+    """Cost of an average ``alternate`` step relative to an end-to-end step (see :func:`part_step_costs`)."""
+    costs = part_step_costs(trained, handed_on)
+    return sum(costs) / len(costs)
 
 
 def stage_cost_ratio(part_costs: Sequence[float]) -> float:
