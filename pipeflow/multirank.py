@@ -303,6 +303,14 @@ def plan_start(rr: RankRun, force: bool, resume: bool) -> None:
         dist.barrier()  # rank 0 has cleared (--force) the directory before any rank saves into it
 
 
+def start_replicas_equal(rr: RankRun, group) -> None:
+    """Every replica of this rank's stage takes replica 0's weights, not only the same seed (LAPACK can differ)."""
+    topo = rr.topo
+    with guard(f"the first weights of stage {topo.stage}", rr.timeout):
+        broadcast_tensors(rr.run.parts[topo.stage].state_dict().values(), src=topo.stage_ranks(topo.stage)[0],
+                          group=group)
+
+
 def _stage_trainer(rr: RankRun, links: Links):
     """This rank's part trainer; with R > 1 its replicas start equal and average their gradients."""
     topo, cfg = rr.topo, rr.cfg
@@ -310,9 +318,8 @@ def _stage_trainer(rr: RankRun, links: Links):
     group = links.stage
     grad_hook = gradient_averager(group, topo.replicas) if group is not None else None
     stage_agree = (lambda ok: agree(ok, rr.device, group)) if group is not None else None
-    if group is not None and rr.blob is None:  # replica 0's weights, not only the same seed (LAPACK can differ)
-        with guard(f"the first weights of stage {topo.stage}", rr.timeout):
-            broadcast_tensors(part.state_dict().values(), src=topo.stage_ranks(topo.stage)[0], group=group)
+    if group is not None and rr.blob is None:
+        start_replicas_equal(rr, group)
     lr = rr.state.part_lrs[topo.stage] if rr.state.part_lrs else rr.run.part_lr(topo.stage)
     trainer = PartTrainer(part, lr, cfg.train, rr.run.num_dims, rr.run.n_bins,
                           grad_hook=grad_hook, name=f"part {topo.stage} (rank {topo.rank})", agree=stage_agree)

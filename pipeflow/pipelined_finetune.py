@@ -29,8 +29,7 @@ from torch import nn
 
 from pipeflow.averaging import WeightAverage, weight_average
 from pipeflow.data import load_dataset
-from pipeflow.distributed.collectives import (broadcast_object, broadcast_tensors, gather_to_rank0, gradient_averager,
-                                              guard)
+from pipeflow.distributed.collectives import broadcast_object, gather_to_rank0, gradient_averager
 from pipeflow.distributed.pipelined import PipelinedStage, forward_only, pipeline_groups
 from pipeflow.distributed.transport import link_groups
 from pipeflow.glow.model import is_initialized
@@ -196,7 +195,7 @@ class PipelinedTrainer:
 
 def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
     """Fine-tune the glued flow through the pipelining schedule; rank 0 ends with the whole model."""
-    from pipeflow.multirank import every_rank_agrees  # noqa: PLC0415 (multirank dispatches here)
+    from pipeflow.multirank import every_rank_agrees, start_replicas_equal  # noqa: PLC0415 (multirank dispatches here)
 
     topo, cfg = rr.topo, rr.cfg
     resumed = rr.blob is not None and rr.plan[0] == PhaseName.FINETUNE
@@ -205,10 +204,8 @@ def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
     rr.run.data = every_rank_agrees("loading the data", rr, rr.timeout, lambda: rr.run.data or (
         load_dataset(cfg.data) if topo.is_first else None))
     stage_group = link_groups(topo, rr.timeout).stage
-    if stage_group is not None and not resumed:  # replica 0's weights, not only the same seed (as by parts starts)
-        with guard(f"the first weights of stage {topo.stage}", rr.timeout):
-            broadcast_tensors(rr.run.parts[topo.stage].state_dict().values(), src=topo.stage_ranks(topo.stage)[0],
-                              group=stage_group)
+    if stage_group is not None and not resumed:  # as the by-parts phase starts them
+        start_replicas_equal(rr, stage_group)
     chain_group = pipeline_groups(topo.stages, topo.replicas, topo.rank, rr.timeout)
     trainer = stage_trainer(rr)
     if resumed:
