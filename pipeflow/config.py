@@ -75,6 +75,9 @@ class TrainConfig:
     finetune_optimizer: str = "carry"
     optimizer: str = "adam"  # adam | adamax
     warmup_steps: int = 100  # linear lr warm-up, counted per optimiser
+    # constant | cosine: every rate times (1 + cos(pi t)) / 2, t the fraction of the run's steps done
+    # before this step (by parts and fine-tuning together): it falls to 0 at the run's end
+    lr_schedule: str = "constant"
     grad_clip: float = 50.0  # max gradient norm; 0 disables clipping
     alternate_every: int = 1  # alternate: steps per turn; 0 means one epoch per turn
     # pipeline and alternate: part k+1 trains on the output of an exponential moving average of part k's
@@ -137,6 +140,7 @@ CHOICES = {
     ("parts", "boundary_prior"): BOUNDARY_PRIORS,
     ("train", "schedule"): ("e2e", "pipeline", "alternate", "sequential"),
     ("train", "optimizer"): ("adam", "adamax"),
+    ("train", "lr_schedule"): ("constant", "cosine"),
     ("train", "finetune_optimizer"): ("carry", "fresh"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("distributed", "backend"): ("auto", "gloo", "nccl"),

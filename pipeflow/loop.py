@@ -102,6 +102,7 @@ class Chain:
     alternate_every: int = 0
     first_step: int = 0  # steps the run had done before this phase
     average: WeightAverage | None = None  # averaged weights, updated every step, evaluated beside the raw ones
+    run_steps: int = 0  # the whole run's steps (every phase), which train.lr_schedule decays over; 0: none
 
     def active(self, msg: Message) -> list[int]:
         return active_parts(self.schedule, len(self.trainers), msg.epoch - self.first_epoch,
@@ -191,13 +192,16 @@ def run_loop(chain: Chain, stream: Iterable[Message], tally: Tally, hooks: Hooks
 def _train(chain: Chain, msg: Message, tally: Tally, phase: str) -> tuple[PartOutput, list[tuple[int, dict]]]:
     t0 = time.perf_counter()
     h = msg.rows if msg.h is None else msg.h  # a batch another process holds: only its size
+    for trainer in chain.trainers if chain.run_steps else ():
+        trainer.progress = (msg.step - 1) / chain.run_steps
     out, results = train_step(chain.trainers, chain.active(msg), h, msg.carry)
     elapsed = time.perf_counter() - t0
     tally.busy_seconds += elapsed
     tally.steps += 1
     tally.images += msg.rows
     records = [(k, {"kind": "step", "phase": phase, "part": chain.index(k), "epoch": msg.epoch, "step": msg.step,
-                    "loss": loss, "prefix_bpd": bpd, "images_per_s": msg.rows / max(elapsed, 1e-9)})
+                    "loss": loss, "prefix_bpd": bpd, "lr": chain.trainers[k].last_lr,
+                    "images_per_s": msg.rows / max(elapsed, 1e-9)})
                for k, loss, bpd in results]
     return out, records
 

@@ -23,7 +23,7 @@ import time
 from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ from pipeflow.data import dataset_shape, load_dataset, n_bins
 from pipeflow.distributed.collectives import (CollectiveWatch, agree, broadcast_object, broadcast_tensors, gather_all,
                                               gather_to_rank0, gradient_averager, guard, sum_across, watched_allreduce)
 from pipeflow.distributed.topology import Topology
-from pipeflow.distributed.transport import Counters, Inbox, Links, Message, Outbox, link_groups
+from pipeflow.distributed.transport import INIT, Counters, Inbox, Links, Message, Outbox, link_groups
 from pipeflow.errors import UserError
 from pipeflow.feed import attach_feeds
 from pipeflow.glow.model import is_initialized
@@ -111,6 +111,11 @@ class RankRun:
     @property
     def timeout(self) -> float:
         return self.cfg.distributed.timeout_s
+
+    @property
+    def run_steps(self) -> int:
+        """The whole run's steps, by parts and fine-tuning (or DDP end to end) together."""
+        return (self.cfg.train.by_parts_epochs + self.cfg.train.finetune_epochs) * self.steps_per_epoch
 
     def saver(self) -> Checkpointer:
         return Checkpointer(self.store, self.cfg, "launch", self.topo.world, self.topo.stages, self.device,
@@ -304,7 +309,9 @@ def plan_start(rr: RankRun, force: bool, resume: bool) -> None:
 
 
 def start_replicas_equal(rr: RankRun, group) -> None:
-    """Every replica of this rank's stage takes replica 0's weights, not only the same seed (LAPACK can differ)."""
+    """Every replica of this rank's stage takes replica 0's weights and buffers: the same seed can build
+    different weights (LAPACK), and the same batch initialise different ActNorms (GPU kernels need not be
+    deterministic), after which averaged gradients would never bring the replicas together."""
     topo = rr.topo
     with guard(f"the first weights of stage {topo.stage}", rr.timeout):
         broadcast_tensors(rr.run.parts[topo.stage].state_dict().values(), src=topo.stage_ranks(topo.stage)[0],
@@ -312,14 +319,12 @@ def start_replicas_equal(rr: RankRun, group) -> None:
 
 
 def _stage_trainer(rr: RankRun, links: Links):
-    """This rank's part trainer; with R > 1 its replicas start equal and average their gradients."""
+    """This rank's part trainer; with R > 1 its replicas average their gradients."""
     topo, cfg = rr.topo, rr.cfg
     part = rr.run.parts[topo.stage]
     group = links.stage
     grad_hook = gradient_averager(group, topo.replicas) if group is not None else None
     stage_agree = (lambda ok: agree(ok, rr.device, group)) if group is not None else None
-    if group is not None and rr.blob is None:
-        start_replicas_equal(rr, group)
     lr = rr.state.part_lrs[topo.stage] if rr.state.part_lrs else rr.run.part_lr(topo.stage)
     trainer = PartTrainer(part, lr, cfg.train, rr.run.num_dims, rr.run.n_bins,
                           grad_hook=grad_hook, name=f"part {topo.stage} (rank {topo.rank})", agree=stage_agree)
@@ -340,6 +345,14 @@ def _stage_stream(rr: RankRun, part: nn.Module, links: Links):
     # every replica initialises its ActNorms from the whole first batch, as on one device
     init = None if rr.blob else next(batches.epoch(0))
     return data.phase(0, t.by_parts_epochs, rr.state.step, init)
+
+
+def _after_init(stream: Iterable[Message], then: Callable[[], None]) -> Iterator[Message]:
+    """The messages of ``stream``; ``then()`` runs once the loop has handled INIT (when it asks for more)."""
+    for msg in stream:
+        yield msg
+        if msg.kind == INIT:
+            then()
 
 
 def find_lrs(rr: RankRun) -> None:
@@ -374,6 +387,8 @@ def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer
             grad_hook.bytes = state.comm.get("stage_allreduce_bytes", 0)
     state.phase = PhaseName.BY_PARTS
     stream = _stage_stream(rr, part, links)
+    if links.stage is not None and rr.blob is None:  # R > 1, from the start
+        stream = _after_init(stream, lambda: start_replicas_equal(rr, links.stage))
     if rr.ctx.hooks.stream_filter is not None:
         stream = rr.ctx.hooks.stream_filter(stream)
     outbox = None
@@ -383,7 +398,8 @@ def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer
     tally = state.tally(PhaseName.BY_PARTS)
     hooks = _stage_hooks(rr, part, trainer, grad_hook, outbox, tally, on_eval)
     # train.eval_ema: each stage averages its own part, and EVAL_EMA messages carry the averaged latents on
-    chain = Chain([trainer], "pipeline", cfg.train.by_parts_epochs, average=weight_average(part, cfg.train.eval_ema))
+    chain = Chain([trainer], "pipeline", cfg.train.by_parts_epochs, average=weight_average(part, cfg.train.eval_ema),
+                  run_steps=rr.run_steps)
     with guard(f"the gradient average of stage {topo.stage}", rr.timeout):
         run_loop(chain, stream, tally, hooks, PhaseName.BY_PARTS, cfg.train.log_every,
                  on_time=state.count_seconds)
@@ -593,7 +609,7 @@ def _finetune_loop(rr: RankRun, phase: Phase, trainer: PartTrainer, ddp: bool) -
     hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=on_eval,
                   after_step=[stepped, *rr.ctx.hooks.after_step], pool=pool if ddp else None)
     chain = Chain([trainer], "e2e", phase.epochs, first_epoch, 0, first_epoch * rr.steps_per_epoch,
-                  weight_average(rr.run.model, cfg.train.eval_ema))
+                  weight_average(rr.run.model, cfg.train.eval_ema), run_steps=rr.run_steps)
     run_loop(chain, data.phase(first_epoch, phase.epochs, state.step), state.tally(phase.name), hooks, phase.name,
              cfg.train.log_every, on_time=state.count_seconds)
 

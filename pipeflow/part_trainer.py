@@ -6,6 +6,7 @@ both run the same objective and the same update; only who calls ``train_step`` d
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable
 
@@ -25,6 +26,13 @@ def optimizer_states(trainers) -> dict[nn.Parameter, dict]:
     """Each trained parameter's optimiser state, over ``trainers`` (for :meth:`PartTrainer.carry_on_from`)."""
     return {p: tr.optimizer.state[p] for tr in trainers if tr.optimizer is not None
             for p in tr.params if p in tr.optimizer.state}
+
+
+def decay(schedule: str, progress: float) -> float:
+    """The factor ``train.lr_schedule`` puts on every rate, ``progress`` of the run's steps done."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return 1.0
 
 
 def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
@@ -55,17 +63,21 @@ class PartTrainer:
         # ``agree(finite)`` is True only if the step is finite on every one of them
         self.agree = agree
         self.steps = 0  # updates applied
+        self.progress = 0.0  # the fraction of the run's steps done, for train.lr_schedule (the loop sets it)
+        self.last_lr = 0.0  # the rate of the latest update
         self.warm = False  # True once it carries on from other optimisers' moments: no warm-up then
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.bad_in_a_row = 0
         self.feed = None  # an EmaFeed (train.feed_ema) where the next part trains on averaged weights' output
 
     def lr(self) -> float:
-        """Linear warm-up to the base rate (early NaNs in Glow are cured by warm-up)."""
+        """Linear warm-up to the base rate (early NaNs in Glow are cured by warm-up), times the run's
+        decay: over the run's steps, not this optimiser's, so that every part and phase follows one curve."""
         warmup = self.cfg.warmup_steps
+        rate = self.base_lr * decay(self.cfg.lr_schedule, self.progress)
         if self.warm or not warmup:
-            return self.base_lr
-        return self.base_lr * min(1.0, (self.steps + 1) / warmup)
+            return rate
+        return rate * min(1.0, (self.steps + 1) / warmup)
 
     def carry_on_from(self, states: dict[nn.Parameter, dict]) -> int:
         """Start from the optimiser moments the parts' own optimisers had built up by parts.
@@ -132,8 +144,9 @@ class PartTrainer:
                 )
             return
         self.bad_in_a_row = 0
+        self.last_lr = self.lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr()
+            group["lr"] = self.last_lr
         self.optimizer.step()
         self.steps += 1
         if self.feed is not None:  # the moving average a later part is fed from

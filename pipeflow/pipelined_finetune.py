@@ -185,6 +185,18 @@ class PipelinedTrainer:
     def steps(self) -> int:
         return self.inner.steps
 
+    @property
+    def last_lr(self) -> float:
+        return self.inner.last_lr
+
+    @property
+    def progress(self) -> float:
+        return self.inner.progress
+
+    @progress.setter
+    def progress(self, value: float) -> None:  # train.lr_schedule: the inner trainer applies the rate
+        self.inner.progress = value
+
     def train_step(self, h, carry) -> tuple[PartOutput, float, float]:
         x, rows = (h, len(h)) if isinstance(h, torch.Tensor) else (None, h)
         loss = pipelined_step(self.inner, self.pipe, x, rows, self.average, self.replicas, self.device)
@@ -253,7 +265,8 @@ def _run(rr: "RankRun", phase: "Phase", stepper: PipelinedTrainer, evaluate) -> 
     first = cfg.train.by_parts_epochs
     hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=evaluate, after_step=[stepped, *rr.ctx.hooks.after_step],
                   record_extra={"rank": topo.rank, "replica": topo.replica})
-    chain = Chain([stepper], "e2e", phase.epochs, first, 0, first * rr.steps_per_epoch)
+    chain = Chain([stepper], "e2e", phase.epochs, first, 0, first * rr.steps_per_epoch,
+                  run_steps=rr.run_steps)
     run_loop(chain, data.phase(first, phase.epochs, state.step), state.tally(phase.name), hooks, phase.name,
              cfg.train.log_every, on_time=state.count_seconds)
 

@@ -97,7 +97,7 @@ def run_phases(phases: list[Phase], state: RunState, stream: DataStream, hooks: 
                 phase.trainers[0].carry_on_from(optimizer_states(phases[0].trainers))
             state.phase = phase.name
         chain = Chain(phase.trainers, phase.schedule, phase.epochs, first_epoch - phase.epochs, t.alternate_every,
-                      begins_at, average)
+                      begins_at, average, run_steps=sum(ph.epochs for ph in phases) * stream.steps_per_epoch)
         tally = state.tally(phase.name)
         run_loop(chain, stream.phase(chain.first_epoch, phase.epochs, state.step, init), tally, hooks(phase),
                  phase.name, t.log_every, on_time=state.count_seconds)

@@ -3,10 +3,12 @@
 ``python -m tests.faults`` is ``pipeflow.launch`` with these failures injected; it reads
 PIPEFLOW_TEST_FAULT, a comma-separated list of
 ``ACTION:RANK:WHEN[@ATTEMPT]`` with ACTION ``exit`` (the rank ends at once after that
-step, its checkpoint saved), ``stop`` (it SIGSTOPs itself: a silent peer) or ``nan`` (its
-by-parts input is NaN for steps STEP..LAST), on attempt ATTEMPT (default 0, the first).
-WHEN is a step, ``STEP-LAST`` (``nan``), or for ``stop`` a moment between steps: ``eval``
-(at its first evaluation batch), ``gather`` or ``finetune`` (as that step of the run begins).
+step, its checkpoint saved), ``stop`` (it SIGSTOPs itself: a silent peer), ``nan`` (its
+by-parts input is NaN for steps STEP..LAST) or ``skew`` (this rank alone starts otherwise, as
+a GPU's non-deterministic kernels could make it: WHEN ``build`` nudges its freshly built
+weights, ``init`` scales the batch its ActNorms initialise from), on attempt ATTEMPT (default
+0, the first). WHEN is a step, ``STEP-LAST`` (``nan``), or for ``stop`` a moment between steps:
+``eval`` (at its first evaluation batch), ``gather`` or ``finetune`` (as that step of the run begins).
 The library knows none of this: ``pipeflow.launch.main`` only takes hooks after each step, on the
 stream of messages and as each step of a multi-rank run begins, which :func:`fault_hooks` fills.
 """
@@ -19,13 +21,15 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from pipeflow import launch
+import torch
+
+from pipeflow import launch, multirank
 from pipeflow.multirank import RankHooks
-from pipeflow.distributed.transport import EVAL, TRAIN, Message
+from pipeflow.distributed.transport import EVAL, INIT, TRAIN, Message
 from pipeflow.errors import UserError
 
 FAULT_EXIT = 43  # the status of a process that an injected fault ended
-ACTIONS = ("exit", "stop", "nan")
+ACTIONS = ("exit", "stop", "nan", "skew")
 MOMENTS = ("eval", "gather", "finetune")  # when a ``stop`` may strike besides after a step
 
 
@@ -45,7 +49,7 @@ def parse_faults(text: str, attempt: int) -> tuple[Fault, ...]:
         try:
             spec, _, on = item.partition("@")
             action, rank, steps = spec.split(":")
-            if action == "stop" and steps in MOMENTS:
+            if (action, steps) in [("stop", m) for m in MOMENTS] + [("skew", "build"), ("skew", "init")]:
                 fault = Fault(action, int(rank), -1, -1, steps)
             else:
                 first, _, last = steps.partition("-")
@@ -54,6 +58,8 @@ def parse_faults(text: str, attempt: int) -> tuple[Fault, ...]:
                 raise ValueError(action)
         except ValueError:
             raise UserError(f"PIPEFLOW_TEST_FAULT: cannot read {item!r} (ACTION:RANK:STEP[-LAST][@ATTEMPT])") from None
+        if action == "skew" and fault.moment not in ("build", "init"):
+            raise UserError(f"PIPEFLOW_TEST_FAULT: {item!r}: skew strikes at build or init")
         if int(on or 0) == attempt:
             faults.append(fault)
     return tuple(faults)
@@ -72,6 +78,8 @@ def fault_hooks(rank: int, attempt: int) -> RankHooks:
     mine = [f for f in parse_faults(os.environ.get("PIPEFLOW_TEST_FAULT", ""), attempt) if f.rank == rank]
     if not mine:
         return RankHooks()
+    if any(f.action == "skew" and f.moment == "build" for f in mine):
+        _skew_build(rank)
 
     def after_step(msg: Message) -> None:
         for f in mine:
@@ -82,6 +90,9 @@ def fault_hooks(rank: int, attempt: int) -> RankHooks:
         for msg in messages:
             if msg.kind == TRAIN and any(f.action == "nan" and f.first <= msg.step <= f.last for f in mine):
                 msg.h = msg.h * float("nan")
+            if msg.kind == INIT and any(f.action == "skew" and f.moment == "init" for f in mine):
+                sys.stderr.write(f"[rank {rank}] injected fault: skew init\n")
+                msg.h = msg.h * 1.5
             if msg.kind == EVAL and any(f.moment == "eval" for f in mine):
                 _strike(rank, "stop", "at the evaluation")
             yield msg
@@ -90,8 +101,23 @@ def fault_hooks(rank: int, attempt: int) -> RankHooks:
         if any(f.moment == name for f in mine):
             _strike(rank, "stop", f"as {name} begins")
 
-    needs_filter = any(f.action == "nan" or f.moment == "eval" for f in mine)
+    needs_filter = any(f.action == "nan" or f.moment in ("eval", "init") for f in mine)
     return RankHooks((after_step,), filtered if needs_filter else None, (on_moment,))
+
+
+def _skew_build(rank: int) -> None:
+    """This process's models come out of build_model nudged (multirank's own name for it is replaced)."""
+    built = multirank.build_model
+
+    def nudged(*args, **kwargs):
+        model = built(*args, **kwargs)
+        sys.stderr.write(f"[rank {rank}] injected fault: skew build\n")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        return model
+
+    multirank.build_model = nudged
 
 
 if __name__ == "__main__":

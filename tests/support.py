@@ -167,6 +167,19 @@ def summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
+def assert_replicas_equal(run: Path, stages: int = 2) -> dict:
+    """The newest checkpoints of the two replicas of each stage hold the same tensors, to the bit; rank 0's."""
+    def last_part(rank: int) -> dict:
+        newest = sorted((run / "checkpoints" / f"rank{rank}").glob("step-*.pt"))[-1]
+        return torch.load(newest, weights_only=False)["modules"][0]
+
+    for stage in range(stages):  # rank r is stage r % P of replica r // P
+        first, second = last_part(stage), last_part(stage + stages)
+        assert first.keys() == second.keys()
+        assert [k for k in first if not torch.equal(first[k], second[k])] == [], stage
+    return last_part(0)
+
+
 # --- faults on one device --------------------------------------------------------------------------
 
 

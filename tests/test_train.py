@@ -226,6 +226,26 @@ def test_warm_up_is_linear_in_each_optimisers_own_updates(tiny_config):
     assert seen == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], rel=1e-12)
 
 
+def test_cosine_schedule_decays_every_rate_over_the_whole_run(tmp_path, tiny_config):
+    """train.lr_schedule = "cosine": one curve over the run's steps, whatever the phase or part: alternate
+    by parts (3 epochs, each part trains every other step) then fine-tuning at its own base rate (1 epoch),
+    every update on the curve at its step, 12 steps in all. The warm-up still multiplies it."""
+    cfg = with_overrides(tiny_config, ["train.schedule=alternate", "train.by_parts_epochs=3", "train.lr=1e-3",
+                                       "train.finetune_lr=4e-4", "train.lr_schedule=cosine", "train.warmup_steps=2",
+                                       "train.samples=0"])
+    train(cfg, tmp_path / "run")
+    steps = [r for r in metrics(tmp_path / "run") if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    updates = {0: 0, 1: 0, "whole": 0}
+    for r in steps:
+        who = "whole" if r["phase"] == "finetune" else r["part"]
+        updates[who] += 1
+        base = 4e-4 if who == "whole" else 1e-3
+        warm = 1.0 if who == "whole" else min(1.0, updates[who] / 2)  # fine-tuning carries on: no warm-up
+        assert r["lr"] == pytest.approx(base * warm * (1 + math.cos(math.pi * (r["step"] - 1) / 12)) / 2, rel=1e-12)
+    assert steps[-1]["lr"] < 1e-5
+
+
 def test_gradients_are_clipped_to_grad_clip(tiny_config):
     x = None
     for clip in (0.0, 1e-3):
