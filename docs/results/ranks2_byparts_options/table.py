@@ -1,7 +1,7 @@
 """The table of README.md's "by parts alone on 2 ranks, every option" from the compare.json files here:
 each option's final bits/dim (averaged weights and raw), its training seconds, and its bits/dim at equal
-wall-clock with DDP at lr 1e-3 of the same seed (the shorter run's last second; linear between evaluations);
-`learned` against DDP timed again beside it (``ddp_lr1e-3_again``).
+wall-clock with its DDP of the same seed (the shorter run's last second; linear between evaluations): DDP at
+lr 1e-3, except where a DDP was timed again beside the run (``BASELINE``).
 
     python docs/results/ranks2_byparts_options/table.py [fashion]
 """
@@ -28,14 +28,16 @@ def ema_at(run: dict, seconds: float) -> float:
     raise ValueError(seconds)
 
 
-# the runs of session 5 against DDP timed again in the same session where one exists (the machine's speed
-# had drifted since session 4); Fashion-MNIST's position and conditional against session 4's DDP
+# the runs of sessions 5 and 6 against DDP timed again beside them (the machine's speed drifts between
+# sessions); Fashion-MNIST's position and conditional against session 4's DDP
 AGAIN = "ddp_lr1e-3_again"
-print("| run | EMA bpd (seed 0, 1) | raw (seed 0, 1) | train s | vs DDP lr 1e-3, at the end | at equal wall-clock |")
+BASELINE = {"learned": AGAIN, "flow_feed_lr4e-3": "ddp_lr4e-3_again"}
+print("| run | EMA bpd (seed 0, 1) | raw (seed 0, 1) | train s | vs its DDP, at the end | at equal wall-clock |")
 print("| --- | --- | --- | --- | ---: | ---: |")
-names = ["ddp_lr1e-3", "ddp_lr4e-3", AGAIN, "flow_feed", "flow_findlr", "position", "conditional", "learned"]
+names = ["ddp_lr1e-3", "ddp_lr4e-3", AGAIN, "ddp_lr4e-3_again", "flow_feed", "flow_findlr", "position",
+         "conditional", "learned", "flow_feed_lr4e-3"]
 for name in [n for n in names if (HERE / f"{PREFIX}{n}").exists()]:
-    ddp = runs(AGAIN if name == "learned" else "ddp_lr1e-3")
+    ddp = runs(BASELINE.get(name, "ddp_lr1e-3"))
     rs = runs(name)
     ema = [rs[s]["test_bpd_ema"] for s in ("0", "1")]
     raw = [rs[s]["test_bpd"] for s in ("0", "1")]
