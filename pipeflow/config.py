@@ -343,3 +343,12 @@ def to_toml(cfg: Config) -> str:
         lines.extend(f"{k} = {fmt(v)}" for k, v in values.items())
         lines.append("")
     return "\n".join(lines)
+
+
+def holds_config(path: Path, cfg: Config) -> bool:
+    """Whether the config file ``path`` (a run's ``config.toml``) is ``cfg`` as data: a key added to pipeflow
+    since it was written counts as its default, so an older run still matches."""
+    try:
+        return path.is_file() and load_config(path).to_dict() == cfg.to_dict()
+    except UserError:
+        return False

@@ -387,10 +387,10 @@ def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer
             grad_hook.bytes = state.comm.get("stage_allreduce_bytes", 0)
     state.phase = PhaseName.BY_PARTS
     stream = _stage_stream(rr, part, links)
-    if links.stage is not None and rr.blob is None:  # R > 1, from the start
-        stream = _after_init(stream, lambda: start_replicas_equal(rr, links.stage))
     if rr.ctx.hooks.stream_filter is not None:
         stream = rr.ctx.hooks.stream_filter(stream)
+    if links.stage is not None and rr.blob is None:  # R > 1, fresh; outermost: once the loop has handled INIT
+        stream = _after_init(stream, lambda: start_replicas_equal(rr, links.stage))
     outbox = None
     if not topo.is_last:
         outbox = Outbox(topo.rank, topo.next_rank, part.out_shape, rr.device, cfg.distributed.in_flight,

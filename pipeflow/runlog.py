@@ -107,13 +107,13 @@ def tensorboard_writer(out: Path, purge_step: int | None = None):
 def tensorboard_scalars(record: dict[str, Any]) -> list[tuple[str, float]]:
     """The TensorBoard scalars of one ``metrics.jsonl`` record, as (tag, value).
 
-    Tags are metric/phase[/part]: a step's loss, prefix bits/dim and images/s per part; an
+    Tags are metric/phase[/part]: a step's loss, prefix bits/dim, learning rate and images/s per part; an
     evaluation's test bits/dim and each part's test prefix bits/dim.
     """
     phase = record.get("phase", "run")
     if record.get("kind") == "step":
         pairs = [(f"{name}/{phase}/part{record.get('part', 0)}", record.get(name))
-                 for name in ("loss", "prefix_bpd", "images_per_s")]
+                 for name in ("loss", "prefix_bpd", "lr", "images_per_s")]
     elif record.get("kind") == "eval":
         pairs = [(f"test_bpd/{phase}", record.get("test_bpd"))]
         pairs += [(f"test_prefix_bpd/{phase}/part{k}", v) for k, v in enumerate(record.get("test_prefix_bpd") or [])]

@@ -120,6 +120,19 @@ def test_rerun_reuses_finished_runs_and_resumes_an_interrupted_one(library_run, 
     assert again["runs"]["e2e"]["train_seconds"] == first["runs"]["e2e"]["train_seconds"]
 
 
+def test_a_run_written_before_a_key_existed_is_still_reused(library_run):
+    """Runs are matched as configs, not as text: a key added to pipeflow since (here train.lr_schedule,
+    taking its default) does not make an older finished run another run."""
+    tmp, first, _ = library_run
+    config = tmp / "runs" / "e2e" / "config.toml"
+    older = [line for line in config.read_text().splitlines() if not line.startswith("lr_schedule")]
+    assert len(older) == len(config.read_text().splitlines()) - 1
+    config.write_text("\n".join(older) + "\n")
+    again = compare(from_dict(TINY), tmp / "report-again", runs="e2e", work_dir=tmp / "runs")
+    assert again["runs"]["e2e"]["reused"]
+    assert again["runs"]["e2e"]["train_seconds"] == first["runs"]["e2e"]["train_seconds"]
+
+
 def test_a_finished_run_with_another_config_is_not_overwritten(library_run):
     tmp, _, _ = library_run
     other = from_dict({**TINY, "train": {**TINY["train"], "lr": 2e-3}})

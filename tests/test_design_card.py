@@ -128,7 +128,7 @@ def test_tensorboard_holds_the_runs_scalars_and_sample_grids(tiny_config, tmp_pa
     step = next(r for r in records if r["kind"] == "step" and r["phase"] == "by_parts" and r["part"] == 1)
     loss = {e.step: e.value for e in events.Scalars("loss/by_parts/part1")}
     assert loss[step["step"]] == pytest.approx(step["loss"], rel=1e-6)
-    assert {"prefix_bpd/by_parts/part0", "images_per_s/by_parts/part0", "test_bpd/finetune",
+    assert {"prefix_bpd/by_parts/part0", "lr/by_parts/part0", "images_per_s/by_parts/part0", "test_bpd/finetune",
             "test_prefix_bpd/by_parts/part1"} <= set(events.Tags()["scalars"])
     final = [e.value for e in events.Scalars("test_bpd/finetune")][-1]
     assert final == pytest.approx(json.loads((tmp_path / "run" / "summary.json").read_text())["test_bpd"], rel=1e-6)

@@ -63,21 +63,23 @@ def test_a_killed_pipelined_fine_tuning_resumes_to_the_uninterrupted_parameters(
     assert mine["test_bpd"] == theirs["test_bpd"] and mine["comm"] == theirs["comm"]  # bytes of both attempts
 
 
-def test_two_replicas_of_a_pipelined_two_stage_flow(tmp_path):
-    """P x R = 2 x 2, fine-tuning from the start: each replica's stages fine-tune half of every batch and
-    average their gradients over the replicas, so the run ends where one device ends on whole batches, up
-    to the order of floating-point sums (as the replicated by-parts phase does). Rank 2 (replica 1 of
-    stage 0) builds other weights: its stage starts from replica 0's, and the replicas end equal."""
+@pytest.mark.parametrize("by_parts", [1, 0])
+def test_two_replicas_of_a_pipelined_two_stage_flow(tmp_path, by_parts):
+    """P x R = 2 x 2: each replica's stages fine-tune half of every batch and average their gradients
+    over the replicas, so the run ends where one device ends on whole batches, up to the order of
+    floating-point sums (as the replicated by-parts phase does): after an epoch by parts (the parts'
+    moments carried on), and from the start, where rank 2 (replica 1 of stage 0) builds other weights
+    and its stage starts from replica 0's. Either way the replicas end equal to the bit."""
     config = pipelined_config(tmp_path, 2, **{"distributed.microbatches": 2, "train.grad_clip": 0.5,
-                                              "train.by_parts_epochs": 0, "train.finetune_epochs": 2})
-    result = torchrun(4, config, tmp_path / "pipe", env={"PIPEFLOW_TEST_FAULT": "skew:2:build"})
+                                              "train.by_parts_epochs": by_parts, "train.finetune_epochs": 1})
+    result = torchrun(4, config, tmp_path / "pipe", env={} if by_parts else {"PIPEFLOW_TEST_FAULT": "skew:2:build"})
     ok(result)
-    assert "[rank 2] injected fault: skew build" in result.stderr
+    assert ("[rank 2] injected fault: skew build" in result.stderr) == (not by_parts)
     assert_replicas_equal(tmp_path / "pipe")
     ok(pipeflow("train", "--config", config, "--out", tmp_path / "single", "--quiet"))
     run = summary(tmp_path / "pipe")
     assert run["replicas"] == 2 and run["comm"]["finetune_allreduce_bytes"] > 0
-    assert run["phases"]["finetune"]["images_per_process"] == 2 * 5 * 32 // 2
+    assert run["phases"]["finetune"]["images_per_process"] == 5 * 32 // 2
     assert max_difference(tmp_path / "pipe", tmp_path / "single") < 1e-3
     assert run["test_bpd"] == pytest.approx(summary(tmp_path / "single")["test_bpd"], abs=1e-3)
 

@@ -1,5 +1,6 @@
 """The few collectives pipeflow uses, all outside the by-parts phase's message stream
-(except gradient averaging among the replicas of one stage when R > 1).
+(except, among the replicas of one stage when R > 1, one broadcast of replica 0's weights after
+the ActNorms initialise, then the gradient average and the agreement on skipping a step).
 
 Every collective waits at most the process group's timeout (``distributed.timeout_s``,
 given to ``init_process_group``); :func:`guard` turns a collective that timed out or lost a

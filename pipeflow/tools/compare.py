@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from pipeflow.checkpoint import atomic_write_bytes, atomic_write_json, json_safe
-from pipeflow.config import Config, to_toml, with_overrides
+from pipeflow.config import Config, holds_config, with_overrides
 from pipeflow.errors import UserError
 from pipeflow.part_trainer import TrainingDiverged
 
@@ -201,7 +201,7 @@ def _finished(run_dir: Path, run_cfg: Config) -> dict | None:
     summary, config = run_dir / "summary.json", run_dir / "config.toml"
     if not summary.is_file():
         return None  # never started, or interrupted before the end: train it (again)
-    if not config.is_file() or config.read_text() != to_toml(run_cfg):
+    if not holds_config(config, run_cfg):
         raise UserError(f"{run_dir} holds a finished run with another config; pass --force to train it again")
     try:
         return json.loads(summary.read_text())
@@ -231,7 +231,7 @@ def _train_one(name: str, run_cfg: Config, run_dir: Path, force: bool, log: Log)
     # A run dir without summary.json is a run that was interrupted: with the same config it continues from its
     # checkpoints; with another (or with force), it is ours to replace.
     config = run_dir / "config.toml"
-    resume = not force and config.is_file() and config.read_text() == to_toml(run_cfg)
+    resume = not force and holds_config(config, run_cfg)
     log(f"{name}: {'resuming' if resume else 'training'} into {run_dir} (load average {load_before})")
     summary = train(run_cfg, run_dir, force=not resume, resume=resume, on_step=clock.on_step, on_epoch=on_epoch,
                     after_step=clock.after_step)
@@ -562,7 +562,8 @@ def _header(results: dict) -> list[str]:
         f"**Setting:** data `{data}` (train limit {d['train_limit'] or 'all'}, test limit {d['test_limit'] or 'all'}); "
         f"Glow L={m['levels']} K={m['steps']} hidden={m['hidden']} ({m['coupling']}); "
         f"parts scheme `{cfg['parts']['scheme']}`; "
-        f"batch {tr['batch_size']}, {tr['steps_per_epoch'] or 'all'} steps per epoch, lr {tr['lr']}, "
+        f"batch {tr['batch_size']}, {tr['steps_per_epoch'] or 'all'} steps per epoch, lr {tr['lr']}"
+        f"{'' if tr.get('lr_schedule', 'constant') == 'constant' else ' (' + tr['lr_schedule'] + ' schedule)'}, "
         f"warm-up {tr['warmup_steps']} steps, alternate_every {tr['alternate_every']}, seed {tr['seed']}, "
         f"torch threads {tr['threads'] or 'default'}. "
         f"By-parts runs: {ep['by_parts']} epochs by parts + {ep['finetune']} end to end; "

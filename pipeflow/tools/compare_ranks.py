@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeflow.checkpoint import atomic_write_json
-from pipeflow.config import Config, to_toml, with_overrides
+from pipeflow.config import Config, holds_config, to_toml, with_overrides
 from pipeflow.errors import UserError
 from pipeflow.tools.compare import CLAIM_BPD, END_TO_END, Log, _bpd_at, _load_avg, _torch_version, output_dir
 
@@ -149,7 +149,7 @@ def run_command(run: RankRun, config: Path, run_dir: Path, start: str, bandwidth
 def start_mode(run_dir: Path, run_cfg: Config, force: bool) -> str:
     """``reuse`` a run that finished with this config, ``resume`` one that was interrupted, else ``fresh``."""
     config = run_dir / "config.toml"
-    same = config.is_file() and config.read_text() == to_toml(run_cfg)
+    same = holds_config(config, run_cfg)
     if force or not same:
         if not force and (run_dir / "summary.json").is_file():
             raise UserError(f"{run_dir} holds a finished run with another config; pass --force to train it again")
