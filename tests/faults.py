@@ -49,7 +49,7 @@ def parse_faults(text: str, attempt: int) -> tuple[Fault, ...]:
         try:
             spec, _, on = item.partition("@")
             action, rank, steps = spec.split(":")
-            if (action, steps) in [("stop", m) for m in MOMENTS] + [("skew", "build"), ("skew", "init")]:
+            if (action == "stop" and steps in MOMENTS) or (action == "skew" and steps in ("build", "init")):
                 fault = Fault(action, int(rank), -1, -1, steps)
             else:
                 first, _, last = steps.partition("-")

@@ -553,6 +553,8 @@ def _header(results: dict) -> list[str]:
         lines += ["**Incomplete**: the comparison is still running or was interrupted; run the command again "
                   "to continue it.", ""]
     m, d, tr = cfg["model"], cfg["data"], cfg["train"]
+    schedule = tr.get("lr_schedule", "constant")  # (absent from the configs of older results)
+    rate = f"lr {tr['lr']}" + ("" if schedule == "constant" else f" ({schedule} schedule)")
     data = d["path"] if d["dataset"] == "npz" else d["dataset"]
     lines += [
         f"**Claim checked:** {claim['text']}.",
@@ -562,8 +564,7 @@ def _header(results: dict) -> list[str]:
         f"**Setting:** data `{data}` (train limit {d['train_limit'] or 'all'}, test limit {d['test_limit'] or 'all'}); "
         f"Glow L={m['levels']} K={m['steps']} hidden={m['hidden']} ({m['coupling']}); "
         f"parts scheme `{cfg['parts']['scheme']}`; "
-        f"batch {tr['batch_size']}, {tr['steps_per_epoch'] or 'all'} steps per epoch, lr {tr['lr']}"
-        f"{'' if tr.get('lr_schedule', 'constant') == 'constant' else ' (' + tr['lr_schedule'] + ' schedule)'}, "
+        f"batch {tr['batch_size']}, {tr['steps_per_epoch'] or 'all'} steps per epoch, {rate}, "
         f"warm-up {tr['warmup_steps']} steps, alternate_every {tr['alternate_every']}, seed {tr['seed']}, "
         f"torch threads {tr['threads'] or 'default'}. "
         f"By-parts runs: {ep['by_parts']} epochs by parts + {ep['finetune']} end to end; "
