@@ -95,6 +95,11 @@ class TrainConfig:
     channels_last: bool = False
     eval_ema: float = 0.0  # 0 < d < 1: also evaluate an EMA of the weights (decay d), see pipeflow.averaging
 
+    @property
+    def run_epochs(self) -> int:
+        """The whole run's epochs: by parts and fine-tuning, or the e2e baseline's (which trains as long)."""
+        return self.by_parts_epochs + self.finetune_epochs
+
 
 @dataclass
 class DistributedConfig:

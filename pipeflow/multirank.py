@@ -115,7 +115,7 @@ class RankRun:
     @property
     def run_steps(self) -> int:
         """The whole run's steps, by parts and fine-tuning (or DDP end to end) together."""
-        return (self.cfg.train.by_parts_epochs + self.cfg.train.finetune_epochs) * self.steps_per_epoch
+        return self.cfg.train.run_epochs * self.steps_per_epoch
 
     def saver(self) -> Checkpointer:
         return Checkpointer(self.store, self.cfg, "launch", self.topo.world, self.topo.stages, self.device,
@@ -516,7 +516,7 @@ def _finetune_phase(rr: RankRun) -> Phase:
     """Fine-tuning after the parts, or (one stage) data-parallel end-to-end training from the start."""
     t, topo = rr.cfg.train, rr.topo
     if topo.stages == 1:
-        return Phase(PhaseName.E2E, t.by_parts_epochs + t.finetune_epochs, "ddp", [])
+        return Phase(PhaseName.E2E, t.run_epochs, "ddp", [])
     schedule = {"rank0": "e2e", "ddp": "ddp", "pipeline": rr.cfg.distributed.pipeline_schedule}
     return Phase(PhaseName.FINETUNE, t.finetune_epochs, schedule[rr.cfg.distributed.finetune], [])
 

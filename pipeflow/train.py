@@ -56,7 +56,7 @@ def make_phases(run: Run, part_lrs: list[float] | None = None) -> list[Phase]:
         return PartTrainer(part, lr, t, run.num_dims, run.n_bins)
 
     if t.schedule == "e2e":
-        return [Phase(PhaseName.E2E, t.by_parts_epochs + t.finetune_epochs, "e2e", [trainer(run.parts[0], t.lr)])]
+        return [Phase(PhaseName.E2E, t.run_epochs, "e2e", [trainer(run.parts[0], t.lr)])]
     by_parts = Phase(PhaseName.BY_PARTS, t.by_parts_epochs, t.schedule,
                      [trainer(p, part_lrs[k] if part_lrs else run.part_lr(k)) for k, p in enumerate(run.parts)])
     attach_feeds(by_parts.trainers[:-1], t.feed_ema)  # every part that feeds another
@@ -97,7 +97,7 @@ def run_phases(phases: list[Phase], state: RunState, stream: DataStream, hooks: 
                 phase.trainers[0].carry_on_from(optimizer_states(phases[0].trainers))
             state.phase = phase.name
         chain = Chain(phase.trainers, phase.schedule, phase.epochs, first_epoch - phase.epochs, t.alternate_every,
-                      begins_at, average, run_steps=sum(ph.epochs for ph in phases) * stream.steps_per_epoch)
+                      begins_at, average, run_steps=t.run_epochs * stream.steps_per_epoch)
         tally = state.tally(phase.name)
         run_loop(chain, stream.phase(chain.first_epoch, phase.epochs, state.step, init), tally, hooks(phase),
                  phase.name, t.log_every, on_time=state.count_seconds)

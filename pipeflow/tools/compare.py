@@ -260,7 +260,7 @@ def compare(cfg: Config, out: str | Path, runs: str | Sequence[str] | None = Non
     out = output_dir(out)
     work = Path(work_dir) if work_dir is not None else out
     plan = parse_runs(runs)
-    if cfg.train.by_parts_epochs + cfg.train.finetune_epochs < 1:
+    if cfg.train.run_epochs < 1:
         raise UserError("train.by_parts_epochs + train.finetune_epochs must be at least 1 to compare anything")
     configs = {name: run_config(cfg, schedule, parts) for name, schedule, parts in plan}  # every error before training
     out.mkdir(parents=True, exist_ok=True)
@@ -290,7 +290,7 @@ def _new_results(cfg: Config, command: str | None, work: Path) -> dict:
         "baseline": BASELINE,
         "command": command,
         "epochs": {"by_parts": t.by_parts_epochs, "finetune": t.finetune_epochs,
-                   "e2e": t.by_parts_epochs + t.finetune_epochs},
+                   "e2e": t.run_epochs},
         "config": cfg.to_dict(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": _torch_version(), "threads": t.threads},

@@ -90,7 +90,7 @@ def _plan_table(cfg: Config, scheme: str, rows: list, ratios: dict[str, float]):
     t = cfg.train
     table.caption = (f"alternate step / e2e step = {ratios['alternate_step']:.3f};  "
                      f"{t.by_parts_epochs} by parts + {t.finetune_epochs} e2e epochs / "
-                     f"{t.by_parts_epochs + t.finetune_epochs} e2e epochs = {ratios['plan']:.3f}")
+                     f"{t.run_epochs} e2e epochs = {ratios['plan']:.3f}")
     return table
 
 
