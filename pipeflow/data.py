@@ -12,6 +12,7 @@ run is reproducible and every pipeline rank can agree on what batch b is.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import zipfile
 from dataclasses import dataclass
@@ -40,11 +41,24 @@ class ImageData:
         return tuple(self.x_train.shape[1:])
 
 
+def _digits_pixels() -> np.ndarray:
+    """The 1797 digits' pixels, (1797, 64) in 0..16, from the CSV scikit-learn ships.
+
+    Read straight from the package's folder: ``import sklearn.datasets`` costs a second or two of
+    imports (SciPy's among them) in every process that loads the set, every rank of a launch included.
+    """
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    csv = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if csv is None or not csv.is_file():  # another layout: ask scikit-learn itself
+        from sklearn.datasets import load_digits  # noqa: PLC0415
+
+        return load_digits().data
+    return np.loadtxt(csv, delimiter=",", dtype=np.float64)[:, :64]  # the 65th column is the label
+
+
 def _load_digits(levels: int = 0) -> ImageData:
     """scikit-learn's bundled 8x8 digits (1797 images, 17 grey levels): no download, ever."""
-    from sklearn.datasets import load_digits  # noqa: PLC0415 (heavy import, only for this set)
-
-    images = torch.from_numpy(load_digits().images.astype(np.uint8)).unsqueeze(1)
+    images = torch.from_numpy(_digits_pixels().astype(np.uint8).reshape(-1, 1, 8, 8))
     n_train = 1437  # the usual 80/20 split, in the bundled order
     levels = resolve_levels("the digits data set", levels, 17, int(images.max()))
     return ImageData("digits", images[:n_train].contiguous(), images[n_train:].contiguous(), levels)

@@ -89,6 +89,13 @@ def pipeflow_in_process(*args):
     return CliRunner().invoke(app, [str(a) for a in args], prog_name="pipeflow")
 
 
+def in_process(*args) -> None:
+    """``pipeflow ARGS`` in this process, which must succeed: the one-device runs the multi-rank tests hold
+    their ranks to, without the start-up (imports) of another interpreter."""
+    result = pipeflow_in_process(*args)
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
+
+
 def torchrun(nproc: int, config: Path, out: Path, *extra, env: dict | None = None, restarts: int = 0,
              timeout: float = 240) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=NPROC -m pipeflow.launch --config CONFIG --out OUT EXTRA``; with

@@ -26,6 +26,19 @@ def good_npz(tmp_path):
                       x_test=_images(12, 3, seed=1), y_test=np.zeros(12, np.uint8))
 
 
+def test_digits_read_from_scikit_learns_file_are_its_load_digits(monkeypatch):
+    """The CSV read directly (no ``import sklearn.datasets``) holds load_digits()'s pixels, in its order; a
+    scikit-learn laid out otherwise falls back to load_digits itself."""
+    from sklearn.datasets import load_digits
+
+    import pipeflow.data as data
+
+    expected = load_digits().data
+    assert np.array_equal(data._digits_pixels(), expected)
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    assert np.array_equal(data._digits_pixels(), expected)
+
+
 def test_digits():
     data = load_dataset(DataConfig())
     assert data.shape == (1, 8, 8) and data.levels == 17

@@ -12,7 +12,7 @@ import torch
 
 from pipeflow.build import build_model, build_parts
 from pipeflow.config import load_config
-from support import (ENV, MULTIRANK, assert_replicas_equal, max_difference, metrics, ok, pipeflow, ranks_of_script,
+from support import (ENV, MULTIRANK, assert_replicas_equal, in_process, max_difference, metrics, ok, ranks_of_script,
                      summary, torchrun, write_config)
 
 # internals of the training core that issue 10's rewrite may rename or move
@@ -27,7 +27,7 @@ def multirank_config(tmp_path: Path, parts: int = 2, finetune: int = 0, **more) 
 
 def single_device(config: Path, out: Path, *extra: str) -> dict:
     """`pipeflow train` of the same config on one device: its summary."""
-    ok(pipeflow("train", "--config", config, "--out", out, "--quiet", *extra))
+    in_process("train", "--config", config, "--out", out, "--quiet", *extra)
     return summary(out)
 
 
@@ -99,7 +99,7 @@ def test_finetune_ddp_improves_and_model_loads_alone(tmp_path):
     assert run["test_bpd"] < run["phases"]["by_parts"]["test_bpd"]
     assert run["comm"]["backward_bytes"] == 0 and run["comm"]["finetune_allreduce_bytes"] > 0
     assert run["comm"]["forward_paced_seconds"] > 0 and run["comm"]["finetune_paced_seconds"] > 0
-    ok(pipeflow("eval", "--checkpoint", tmp_path / "dist" / "model.pt", "--json", tmp_path / "eval.json"))
+    in_process("eval", "--checkpoint", tmp_path / "dist" / "model.pt", "--json", tmp_path / "eval.json")
     assert json.loads((tmp_path / "eval.json").read_text())["test_bpd"] == pytest.approx(run["test_bpd"], abs=1e-5)
 
 

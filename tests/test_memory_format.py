@@ -15,7 +15,7 @@ from pipeflow.config import from_dict
 from pipeflow.glow.coupling import CouplingNet
 from pipeflow.part_trainer import PartTrainer
 
-from support import (MULTIRANK, max_difference, model_state, ok, pipeflow, ranks_of_script, summary, tiny, torchrun,
+from support import (MULTIRANK, max_difference, in_process, model_state, ok, ranks_of_script, summary, tiny, torchrun,
                      write_config)
 
 TWO_PARTS = {"model.levels": 2, "model.steps": 2, "model.hidden": 8, "parts.count": 2, "parts.scheme": "across",
@@ -71,7 +71,7 @@ def test_channels_last_on_ranks_ends_where_one_device_does(tmp_path):
     config = write_config(tmp_path, MULTIRANK, {"train.by_parts_epochs": 1, "train.finetune_epochs": 1,
                                                 "parts.boundary_prior": "flow", "train.channels_last": True})
     ok(torchrun(2, config, tmp_path / "ranks"))
-    ok(pipeflow("train", "--config", config, "--out", tmp_path / "single", "--quiet"))
+    in_process("train", "--config", config, "--out", tmp_path / "single", "--quiet")
     assert max_difference(tmp_path / "ranks", tmp_path / "single") < 1e-3
     kernels = [t for t in model_state(tmp_path / "ranks").values() if t.dim() == 4 and t.shape[-1] == 3]
     assert kernels and all(t.is_contiguous(memory_format=torch.channels_last) for t in kernels)  # as trained

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from support import (MULTIRANK, assert_replicas_equal, comparable_metrics, max_difference, metrics, ok, pipeflow,
+from support import (MULTIRANK, assert_replicas_equal, comparable_metrics, max_difference, in_process, metrics, ok,
                      summary, torchrun, write_config)
 
 
@@ -30,7 +30,7 @@ def test_pipelined_finetuning_equals_one_device(tmp_path, parts, schedule, clip)
     config = pipelined_config(tmp_path, parts, **{"distributed.pipeline_schedule": schedule,
                                                   "distributed.microbatches": 4, "train.grad_clip": clip})
     ok(torchrun(parts, config, tmp_path / "pipe"))
-    ok(pipeflow("train", "--config", config, "--out", tmp_path / "single", "--quiet"))
+    in_process("train", "--config", config, "--out", tmp_path / "single", "--quiet")
     assert max_difference(tmp_path / "pipe", tmp_path / "single") <= 1e-5
     run, single = summary(tmp_path / "pipe"), summary(tmp_path / "single")
     assert run["test_bpd"] == pytest.approx(single["test_bpd"], abs=1e-5)
@@ -43,7 +43,7 @@ def test_pipelined_finetuning_equals_one_device(tmp_path, parts, schedule, clip)
     assert [r["step"] for r in steps] == [6, 7, 8, 9, 10]
     evals = [r["test_bpd"] for r in metrics(tmp_path / "pipe") if r["kind"] == "eval" and r["phase"] == "finetune"]
     assert evals == [pytest.approx(run["test_bpd"])]
-    ok(pipeflow("eval", "--checkpoint", tmp_path / "pipe" / "model.pt", "--json", tmp_path / "eval.json"))
+    in_process("eval", "--checkpoint", tmp_path / "pipe" / "model.pt", "--json", tmp_path / "eval.json")
     assert json.loads((tmp_path / "eval.json").read_text())["test_bpd"] == pytest.approx(run["test_bpd"], abs=1e-5)
 
 
@@ -76,7 +76,7 @@ def test_two_replicas_of_a_pipelined_two_stage_flow(tmp_path, by_parts):
     ok(result)
     assert ("[rank 2] injected fault: skew build" in result.stderr) == (not by_parts)
     assert_replicas_equal(tmp_path / "pipe")
-    ok(pipeflow("train", "--config", config, "--out", tmp_path / "single", "--quiet"))
+    in_process("train", "--config", config, "--out", tmp_path / "single", "--quiet")
     run = summary(tmp_path / "pipe")
     assert run["replicas"] == 2 and run["comm"]["finetune_allreduce_bytes"] > 0
     assert run["phases"]["finetune"]["images_per_process"] == 5 * 32 // 2
