@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
+import pipeflow.tools.compare as compare_module
+from pipeflow.glow.invconv import SingularWeightError
+from pipeflow.part_trainer import TrainingDiverged
 from pipeflow.tools.compare import DEFAULT_RUNS, compare, parse_runs, run_config
+from pipeflow.checkpoint import CheckpointStore
 from pipeflow.config import from_dict, load_config, with_overrides
 from pipeflow.errors import UserError
 from support import pipeflow_in_process
@@ -107,17 +111,33 @@ def test_runs_share_the_budget_and_differ_as_asked(library_run):
 
 def test_rerun_reuses_finished_runs_and_resumes_an_interrupted_one(library_run, tmp_path):
     tmp, first, _ = library_run
-    # pretend alternate3 was killed after its last epoch's checkpoint: no summary.json
+    # pretend alternate3 was killed in its last epoch: no summary.json, nor that epoch's checkpoint
     (tmp / "runs" / "alternate3" / "summary.json").unlink()
+    CheckpointStore(tmp / "runs" / "alternate3", rank=0, keep=3).discard_after(4)
     messages = []
     again = compare(from_dict(TINY), tmp / "report", work_dir=tmp / "runs", log=messages.append)
     assert again["runs"]["e2e"]["reused"] and again["runs"]["pipeline2"]["reused"]
     assert not again["runs"]["alternate3"]["reused"]
     assert any("alternate3: resuming" in m for m in messages)
-    assert json.loads((tmp / "runs" / "alternate3" / "summary.json").read_text())["resumed_from_step"] == 6
+    assert json.loads((tmp / "runs" / "alternate3" / "summary.json").read_text())["resumed_from_step"] == 4
     # deterministic: the resumed run gives the same bits/dim
     assert again["runs"]["alternate3"]["test_bpd"] == pytest.approx(first["runs"]["alternate3"]["test_bpd"], abs=1e-6)
+    # its CPU seconds line up with its evaluations: those restored from the checkpoint lead its history
+    cpu = [r["cpu_seconds"] for r in again["runs"]["alternate3"]["history"]]
+    assert len(cpu) == 3 and all(isinstance(c, float) for c in cpu) and cpu == sorted(cpu)
     assert again["runs"]["e2e"]["train_seconds"] == first["runs"]["e2e"]["train_seconds"]
+
+
+@pytest.mark.parametrize("error", [TrainingDiverged("part 0: 3 non-finite losses in a row"),
+                                   SingularWeightError("the 1x1 convolution of step 2 is singular")])
+def test_a_run_that_fails_is_recorded_and_the_others_still_compared(monkeypatch, tmp_path, error):
+    def fail(*args):
+        raise error
+
+    monkeypatch.setattr(compare_module, "_train_one", fail)
+    entry = compare_module._run_entry("alternate2", "alternate", 2, run_config(from_dict(TINY), "alternate", 2),
+                                      tmp_path / "alternate2", False, lambda message: None)
+    assert entry["test_bpd"] is None and entry["error"] == str(error)
 
 
 def test_a_run_written_before_a_key_existed_is_still_reused(library_run):

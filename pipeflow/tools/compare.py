@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 from pipeflow.checkpoint import atomic_write_bytes, atomic_write_json, json_safe
 from pipeflow.config import Config, holds_config, with_overrides
 from pipeflow.errors import UserError
+from pipeflow.glow.invconv import SingularWeightError
 from pipeflow.part_trainer import TrainingDiverged
 
 BASELINE = "e2e"
@@ -235,8 +236,12 @@ def _train_one(name: str, run_cfg: Config, run_dir: Path, force: bool, log: Log)
     log(f"{name}: {'resuming' if resume else 'training'} into {run_dir} (load average {load_before})")
     summary = train(run_cfg, run_dir, force=not resume, resume=resume, on_step=clock.on_step, on_epoch=on_epoch,
                     after_step=clock.after_step)
-    # resumed: CPU seconds of the steps this invocation made, scaled to all the run's steps
-    extra = {"cpu_seconds": clock.seconds(summary["steps"]), "cpu_history": clock.history,
+    # resumed: CPU seconds of the steps this invocation made, scaled to all the run's steps; so are those of the
+    # evaluations it has no count for (brought back by its checkpoint, which head its history, or made before a step)
+    history = summary["history"]
+    counted = [None] * max(len(history) - len(clock.history), 0) + clock.history
+    cpu_history = [c if c is not None else clock.seconds(r["step"]) for r, c in zip(history, counted)]
+    extra = {"cpu_seconds": clock.seconds(summary["steps"]), "cpu_history": cpu_history,
              "load_before": load_before, "load_after": _load_avg(), "resumed_from_step": summary["resumed_from_step"]}
     atomic_write_json(run_dir / EXTRA_FILE, extra)
     return summary, extra, False
@@ -305,7 +310,7 @@ def _run_entry(name: str, schedule: str, parts: int, run_cfg: Config, run_dir: P
     entry = {"name": name, "schedule": schedule, "parts": parts, "run_dir": str(run_dir)}
     try:
         summary, extra, reused = _train_one(name, run_cfg, run_dir, force, log)
-    except TrainingDiverged as exc:  # e.g. the (unstable) sequential ablation: record it, compare the rest
+    except (TrainingDiverged, SingularWeightError) as exc:  # e.g. the sequential ablation: record it, compare the rest
         log(f"{name}: FAILED: {exc}")
         entry.update({"error": str(exc), "test_bpd": None})
         return entry
