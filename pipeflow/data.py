@@ -48,7 +48,8 @@ def _digits_pixels() -> np.ndarray:
     imports (SciPy's among them) in every process that loads the set, every rank of a launch included.
     """
     spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
-    csv = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    folders = spec.submodule_search_locations if spec else None  # None: not a package folder
+    csv = Path(folders[0]) / "datasets" / "data" / "digits.csv.gz" if folders else None
     if csv is None or not csv.is_file():  # another layout: ask scikit-learn itself
         from sklearn.datasets import load_digits  # noqa: PLC0415
 

@@ -16,9 +16,9 @@ import pytest
 import pipeflow.tools.compare as compare_module
 from pipeflow.glow.invconv import SingularWeightError
 from pipeflow.part_trainer import TrainingDiverged
-from pipeflow.tools.compare import DEFAULT_RUNS, compare, parse_runs, run_config
 from pipeflow.checkpoint import CheckpointStore
 from pipeflow.config import from_dict, load_config, with_overrides
+from pipeflow.tools.compare import DEFAULT_RUNS, compare, parse_runs, run_config
 from pipeflow.errors import UserError
 from support import pipeflow_in_process
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+
 import numpy as np
 import pytest
 import torch
@@ -35,8 +37,9 @@ def test_digits_read_from_scikit_learns_file_are_its_load_digits(monkeypatch):
 
     expected = load_digits().data
     assert np.array_equal(data._digits_pixels(), expected)
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
-    assert np.array_equal(data._digits_pixels(), expected)
+    for spec in (None, importlib.machinery.ModuleSpec("sklearn", None)):  # none found; a module, not a folder
+        monkeypatch.setattr(data.importlib.util, "find_spec", lambda name, spec=spec: spec)
+        assert np.array_equal(data._digits_pixels(), expected)
 
 
 def test_digits():
