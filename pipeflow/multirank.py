@@ -45,7 +45,7 @@ from pipeflow.loop import Chain, DataStream, Hooks, PhaseName, Tally, evaluate, 
 from pipeflow.objective import part_objective
 from pipeflow.part_trainer import PartTrainer, TrainingDiverged, optimizer_states
 from pipeflow.parts import whole_model_part
-from pipeflow.averaging import weight_average
+from pipeflow.averaging import WeightAverage, weight_average
 from pipeflow.runlog import RunLog, check_run_dir, check_same_run, finished_summary, prepare_run_dir
 from pipeflow.state import (Checkpointer, RunState, checkpointing, evaluated, is_checkpoint_step, newest_entry_check,
                             restore, summary)
@@ -379,9 +379,11 @@ def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer
     with guard("creating the process groups", rr.timeout):
         links = link_groups(topo, rr.timeout)  # every rank, the same order, on this (the main) thread
     part, trainer, grad_hook = _stage_trainer(rr, links)
+    # train.eval_ema: each stage averages its own part, and EVAL_EMA messages carry the averaged latents on
+    average = weight_average(part, cfg.train.eval_ema)
     if rr.blob is not None:
         rr.state = state = every_rank_agrees("restoring the checkpoints", rr, rr.timeout,
-                                             lambda: restore(rr.blob, [part], [trainer], rr.device))
+                                             lambda: restore(rr.blob, [part], [trainer], rr.device, average))
         rr.counters = Counters(**rr.blob["counters"])
         if grad_hook is not None:
             grad_hook.bytes = state.comm.get("stage_allreduce_bytes", 0)
@@ -396,10 +398,8 @@ def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer
         outbox = Outbox(topo.rank, topo.next_rank, part.out_shape, rr.device, cfg.distributed.in_flight,
                         rr.ctx.bandwidth, rr.counters, rr.timeout, group=links.next)
     tally = state.tally(PhaseName.BY_PARTS)
-    hooks = _stage_hooks(rr, part, trainer, grad_hook, outbox, tally, on_eval)
-    # train.eval_ema: each stage averages its own part, and EVAL_EMA messages carry the averaged latents on
-    chain = Chain([trainer], "pipeline", cfg.train.by_parts_epochs, average=weight_average(part, cfg.train.eval_ema),
-                  run_steps=rr.run_steps)
+    hooks = _stage_hooks(rr, part, trainer, grad_hook, outbox, tally, on_eval, average)
+    chain = Chain([trainer], "pipeline", cfg.train.by_parts_epochs, average=average, run_steps=rr.run_steps)
     with guard(f"the gradient average of stage {topo.stage}", rr.timeout):
         run_loop(chain, stream, tally, hooks, PhaseName.BY_PARTS, cfg.train.log_every,
                  on_time=state.count_seconds)
@@ -410,7 +410,8 @@ def by_parts(rr: RankRun, on_eval: Callable[[dict], None] | None) -> PartTrainer
     return trainer
 
 
-def _stage_hooks(rr: RankRun, part, trainer, grad_hook, outbox, tally: Tally, on_eval) -> Hooks:
+def _stage_hooks(rr: RankRun, part, trainer, grad_hook, outbox, tally: Tally, on_eval,
+                 average: WeightAverage | None) -> Hooks:
     topo, state = rr.topo, rr.state
     saver = rr.saver()
 
@@ -421,7 +422,7 @@ def _stage_hooks(rr: RankRun, part, trainer, grad_hook, outbox, tally: Tally, on
             sent.update(forward_bytes=outbox.queued_bytes, forward_messages=outbox.queued_messages)
         return [part], [trainer], sent
 
-    stepped = checkpointing(state, saver, rr.steps_per_epoch, rr.cfg.checkpoint.every_steps, owned)
+    stepped = checkpointing(state, saver, rr.steps_per_epoch, rr.cfg.checkpoint.every_steps, owned, average)
 
     def evaluated(msg: Message, means: list[float]) -> None:
         record = {"epoch": msg.epoch + 1, "step": msg.step, "prefix_bpd": means[-1],
@@ -569,16 +570,17 @@ def finetune(rr: RankRun, phase: Phase) -> None:
         if rr.carried:
             trainer.carry_on_from(rr.carried)
             rr.carried.clear()  # the trainer holds its own copies now
+        average = weight_average(rr.run.model, cfg.train.eval_ema)  # the phase's own, from its first step
         if resumed:
             def restored():
-                return restore(rr.blob, [rr.run.model], [trainer], rr.device)
+                return restore(rr.blob, [rr.run.model], [trainer], rr.device, average)
 
             rr.state = state = every_rank_agrees("restoring the checkpoint", rr, rr.timeout, restored) if ddp \
                 else restored()
             if ddp:
                 _rebucket(trainer, rr.run, lambda x: _rows(x, topo.rank, topo.world), rr.device)
         state.phase = phase.name
-        _finetune_loop(rr, phase, trainer, ddp)
+        _finetune_loop(rr, phase, trainer, ddp, average)
         state.tally(phase.name).skipped = trainer.skipped
         if ddp:  # what DDP all-reduces: every gradient, every step (before the ring's 2(W-1)/W factor)
             steps = state.step - (cfg.train.by_parts_epochs * rr.steps_per_epoch if topo.stages > 1 else 0)
@@ -587,7 +589,7 @@ def finetune(rr: RankRun, phase: Phase) -> None:
             state.comm["finetune_paced_seconds"] = rr.watch.paced_seconds
 
 
-def _finetune_loop(rr: RankRun, phase: Phase, trainer: PartTrainer, ddp: bool) -> None:
+def _finetune_loop(rr: RankRun, phase: Phase, trainer: PartTrainer, ddp: bool, average: WeightAverage | None) -> None:
     topo, cfg, state = rr.topo, rr.cfg, rr.state
     batches, tests = rr.run.train_batches(), rr.run.test_batches()
     shard = (lambda x: _rows(x, topo.rank, topo.world)) if ddp else (lambda x: x)
@@ -597,7 +599,7 @@ def _finetune_loop(rr: RankRun, phase: Phase, trainer: PartTrainer, ddp: bool) -
                       bool(cfg.train.eval_ema))
     first_epoch = cfg.train.by_parts_epochs if topo.stages > 1 else 0
     owned = (lambda: ([rr.run.model], [trainer], None)) if topo.rank == 0 else None  # the DDP replicas are equal
-    stepped = checkpointing(state, rr.saver(), rr.steps_per_epoch, cfg.checkpoint.every_steps, owned)
+    stepped = checkpointing(state, rr.saver(), rr.steps_per_epoch, cfg.checkpoint.every_steps, owned, average)
 
     def pool(sums: list[float], count: int) -> tuple[list[float], int]:
         pooled = sum_across([*sums, float(count)], rr.device)
@@ -608,8 +610,8 @@ def _finetune_loop(rr: RankRun, phase: Phase, trainer: PartTrainer, ddp: bool) -
 
     hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=on_eval,
                   after_step=[stepped, *rr.ctx.hooks.after_step], pool=pool if ddp else None)
-    chain = Chain([trainer], "e2e", phase.epochs, first_epoch, 0, first_epoch * rr.steps_per_epoch,
-                  weight_average(rr.run.model, cfg.train.eval_ema), run_steps=rr.run_steps)
+    chain = Chain([trainer], "e2e", phase.epochs, first_epoch, 0, first_epoch * rr.steps_per_epoch, average,
+                  run_steps=rr.run_steps)
     run_loop(chain, data.phase(first_epoch, phase.epochs, state.step), state.tally(phase.name), hooks, phase.name,
              cfg.train.log_every, on_time=state.count_seconds)
 

@@ -220,15 +220,15 @@ def pipelined_finetune(rr: "RankRun", phase: "Phase") -> None:
         start_replicas_equal(rr, stage_group)
     chain_group = pipeline_groups(topo.stages, topo.replicas, topo.rank, rr.timeout)
     trainer = stage_trainer(rr)
+    ema = weight_average(trainer.part, cfg.train.eval_ema)  # each stage averages its own part
     if resumed:
         rr.state = every_rank_agrees("restoring the checkpoints", rr, rr.timeout,
-                                     lambda: restore(rr.blob, [trainer.part], [trainer], rr.device))
+                                     lambda: restore(rr.blob, [trainer.part], [trainer], rr.device, ema))
     module = stage_module(trainer, topo.is_first, topo.is_last, cfg.train.compile)
     d = rr.run.num_dims
     pipe = PipelinedStage(module, topo.stage, topo.stages, rr.device, cfg.distributed.microbatches,
                           cfg.distributed.pipeline_schedule, lambda logp, _: -logp.mean() / (d * LN2), chain_group)
     grads = gradient_averager(stage_group, topo.replicas) if stage_group is not None else None
-    ema = weight_average(trainer.part, cfg.train.eval_ema)  # each stage averages its own part
     rr.state.phase = phase.name
     stepper = PipelinedTrainer(trainer, pipe, grads, topo.replicas, rr.device, rr.run.n_bins, rr.state, ema)
     _run(rr, phase, stepper, lambda msg, means: _evaluate(rr, phase, module, chain_group, msg.epoch, ema))
@@ -260,7 +260,7 @@ def _run(rr: "RankRun", phase: "Phase", stepper: PipelinedTrainer, evaluate) -> 
         stepper.count_bytes(state)
         return [stepper.part], [stepper.inner], None
 
-    stepped = checkpointing(state, rr.saver(), rr.steps_per_epoch, cfg.checkpoint.every_steps, owned)
+    stepped = checkpointing(state, rr.saver(), rr.steps_per_epoch, cfg.checkpoint.every_steps, owned, stepper.ema)
 
     first = cfg.train.by_parts_epochs
     hooks = Hooks(log=rr.log.log if rr.log else None, on_eval=evaluate, after_step=[stepped, *rr.ctx.hooks.after_step],

@@ -1,7 +1,8 @@
 """One run state for every mode, the one checkpoint that holds it, and the one summary made from it.
 
 A checkpoint is one small dict: the run state, the state dicts of the modules and
-optimisers this process owns, its RNG and how much of ``metrics.jsonl`` it had written.
+optimisers this process owns, the averaged weights it evaluates, its RNG and how much of
+``metrics.jsonl`` it had written.
 What a process owns depends on the mode (every part on one device; its own part on a
 pipeline stage; the whole model in fine-tuning), never the schema.
 """
@@ -17,6 +18,7 @@ import time
 import torch
 from torch import nn
 
+from pipeflow.averaging import WeightAverage
 from pipeflow.checkpoint import CheckpointStore, rng_state, set_rng_state
 from pipeflow.config import Config
 from pipeflow.errors import UserError
@@ -69,24 +71,28 @@ class Checkpointer:
     metrics_bytes: Callable[[], int] = lambda: 0
 
     def save(self, state: RunState, modules: Sequence[nn.Module], trainers: Sequence[PartTrainer],
-             counters: dict | None = None) -> None:
+             counters: dict | None = None, average: WeightAverage | None = None) -> None:
         self.store.save(state.step, str(state.phase), {
             "entry": self.entry, "world": self.world, "stages": self.stages, "config": self.cfg.to_dict(),
             "run": state.to_dict(), "modules": [m.state_dict() for m in modules],
             "trainers": [t.state_dict() for t in trainers], "counters": counters,
+            "average": average.state_dict() if average is not None else None,
             "metrics_bytes": self.metrics_bytes(), "rng": rng_state(self.device),
         }, entry=self.entry, world=self.world, stages=self.stages,
             bad_in_a_row=max((t.bad_in_a_row for t in trainers), default=0))
 
 
 def restore(blob: dict, modules: Sequence[nn.Module], trainers: Sequence[PartTrainer],
-            device: torch.device) -> RunState:
-    """Load a checkpoint into this process's modules and trainers; return its run state."""
+            device: torch.device, average: WeightAverage | None = None) -> RunState:
+    """Load a checkpoint into this process's modules, trainers and averaged weights; return its run state.
+    An average the checkpoint lacks (``train.eval_ema`` was off when it was taken) starts afresh."""
     try:
         for module, state in zip(modules, blob["modules"], strict=True):
             module.load_state_dict(state)
         for trainer, state in zip(trainers, blob["trainers"], strict=True):
             trainer.load_state_dict(state)
+        if average is not None and blob.get("average") is not None:
+            average.load_state_dict(blob["average"])
         state = RunState.from_dict(blob["run"])
         set_rng_state(blob["rng"], device)
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
@@ -141,14 +147,16 @@ def is_checkpoint_step(step: int, steps_per_epoch: int, every: int) -> bool:
 
 
 def checkpointing(state: RunState, saver: Checkpointer, steps_per_epoch: int, every: int,
-                  owned: Callable[[], tuple[Sequence[nn.Module], Sequence[PartTrainer], dict | None]] | None):
+                  owned: Callable[[], tuple[Sequence[nn.Module], Sequence[PartTrainer], dict | None]] | None,
+                  average: WeightAverage | None = None):
     """The after-step hook of every mode: note the step, and at a checkpoint step save what this
-    process owns (``owned()``: its modules, trainers and byte counters; None: nothing to save)."""
+    process owns (``owned()``: its modules, trainers and byte counters; None: nothing to save) and
+    the averaged weights it evaluates (``train.eval_ema``)."""
     def stepped(msg) -> None:
         state.step = msg.step
         if owned is not None and is_checkpoint_step(msg.step, steps_per_epoch, every):
             modules, trainers, counters = owned()
-            saver.save(state, modules, trainers, counters)
+            saver.save(state, modules, trainers, counters, average)
 
     return stepped
 

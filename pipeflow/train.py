@@ -109,14 +109,16 @@ class _OneDevice:
     """The hooks of a one-device run: log, evaluate, draw samples, checkpoint."""
 
     def __init__(self, run: Run, state: RunState, log: RunLog, saver: Checkpointer, steps_per_epoch: int,
-                 on_step: Callback | None, on_epoch: Callback | None, after_step: Callable[[int], None] | None):
+                 on_step: Callback | None, on_epoch: Callback | None, after_step: Callable[[int], None] | None,
+                 average: WeightAverage | None):
         self.run, self.state, self.log, self.saver, self.spe = run, state, log, saver, steps_per_epoch
+        self.average = average
         self.on_step, self.on_epoch, self.after_step = on_step, on_epoch, after_step
 
     def __call__(self, phase: Phase) -> Hooks:
         run = self.run
         owned = lambda: ([run.model, *run.parts], phase.trainers, None)  # noqa: E731
-        stepped = checkpointing(self.state, self.saver, self.spe, run.cfg.checkpoint.every_steps, owned)
+        stepped = checkpointing(self.state, self.saver, self.spe, run.cfg.checkpoint.every_steps, owned, self.average)
 
         def on_eval(msg, means):
             record = evaluated(self.state, self.log, phase.name, msg.epoch, msg.step, means, run.model, run.cfg)
@@ -161,9 +163,10 @@ def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback |
     found = find_part_lrs(run, device, cfg.train.find_lr_steps) if cfg.train.find_lr_steps and not blob else []
     state = RunState(part_lrs=[f["lr"] for f in found])  # a resumed run keeps the rates it started with
     phases = make_phases(run, blob["run"].get("part_lrs") if blob else state.part_lrs)
+    average = weight_average(run.model, cfg.train.eval_ema)
     if blob is not None:
         trainers = next(ph.trainers for ph in phases if ph.name == blob["phase"])
-        state = restore(blob, [run.model, *run.parts], trainers, device)
+        state = restore(blob, [run.model, *run.parts], trainers, device, average)
     out = prepare_run_dir(out, force=force, resume=resume)
     if resume:
         store.discard_after(state.step)
@@ -175,9 +178,9 @@ def train(cfg: Config, out: str | Path, force: bool = False, on_step: Callback |
                         bool(cfg.train.eval_ema))
     init = None if blob else next(batches.epoch(0)).to(device)
     saver = Checkpointer(store, cfg, "train", device=device, metrics_bytes=log.tell)
-    hooks = _OneDevice(run, state, log, saver, len(batches), on_step, on_epoch, after_step)
+    hooks = _OneDevice(run, state, log, saver, len(batches), on_step, on_epoch, after_step, average)
     try:
-        run_phases(phases, state, stream, hooks, cfg, init, weight_average(run.model, cfg.train.eval_ema))
+        run_phases(phases, state, stream, hooks, cfg, init, average)
     except TrainingDiverged as exc:
         raise TrainingDiverged(diverged_hint(exc, store)) from None
     finally:

@@ -34,7 +34,7 @@ TINY: dict[str, dict] = {
 
 # Checkpointed every 2 steps, 9 steps in all (2 epochs by parts, 1 fine-tuning, 3 steps each), no samples.
 CHECKPOINTED = {"train.by_parts_epochs": 2, "train.lr": 2e-3, "train.samples": 0, "train.threads": 1,
-                "distributed.timeout_s": 30, "checkpoint.every_steps": 2, "checkpoint.keep": 3}
+                "train.eval_ema": 0.9, "distributed.timeout_s": 30, "checkpoint.every_steps": 2, "checkpoint.keep": 3}
 
 # The above for torchrun: 15 steps of 32 images, every step checkpointed, and enough kept for the
 # pipeline's skew between its stages (see multirank.check_keep).

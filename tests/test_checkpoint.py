@@ -100,6 +100,9 @@ def test_checkpoints_are_kept_per_rank_with_a_manifest(reference_run, checkpoint
     assert blob["step"] == 8 and blob["phase"] == "finetune" and blob["config"] == checkpointed_cfg.to_dict()
     assert blob["run"]["step"] == 8 and blob["run"]["phase"] == "finetune" and blob["entry"] == "train"
     assert {"modules", "trainers", "run", "rng", "metrics_bytes"} <= blob.keys()
+    # the averaged weights (train.eval_ema) travel too, with their count of updates (their warm-up)
+    assert blob["average"]["updates"] == 8 and blob["average"]["shadow"]
+    assert all(torch.is_tensor(t) for t in blob["average"]["shadow"])
 
 
 def test_resume_auto_on_the_command_line_finishes_an_interrupted_run(tmp_path, checkpointed_config_path,
@@ -108,3 +111,22 @@ def test_resume_auto_on_the_command_line_finishes_an_interrupted_run(tmp_path, c
     shutil.copytree(interrupted_run, run)
     ok(pipeflow("train", "--config", checkpointed_config_path, "--out", run, "--quiet", "--resume", "auto"))
     assert max_difference(run, reference_run) == 0.0
+
+
+def test_a_checkpoint_without_an_average_resumes_with_a_fresh_one_and_a_misfit_one_is_refused(glow):
+    from pipeflow.averaging import WeightAverage
+    from pipeflow.state import RunState, restore
+
+    average = WeightAverage(glow, 0.9)
+    blob = {"modules": [], "trainers": [], "run": RunState().to_dict(), "rng": {"torch": torch.get_rng_state()},
+            "step": 4, "rank": 0}
+    restore({**blob, "average": None}, [], [], torch.device("cpu"), average)  # taken with train.eval_ema off
+    assert average.shadow is None and average.updates == 0
+    for _ in range(3):
+        average.update()
+    saved = average.state_dict()
+    again = WeightAverage(glow, 0.9)
+    restore({**blob, "average": saved}, [], [], torch.device("cpu"), again)
+    assert again.updates == 3 and all(torch.equal(a, b) for a, b in zip(again.shadow, average.shadow))
+    with pytest.raises(UserError, match="step 4 .*does not fit this run: the averaged weights do not match"):
+        restore({**blob, "average": {**saved, "shadow": saved["shadow"][:-1]}}, [], [], torch.device("cpu"), again)

@@ -49,9 +49,10 @@ def test_pipelined_finetuning_equals_one_device(tmp_path, parts, schedule, clip)
 
 def test_a_killed_pipelined_fine_tuning_resumes_to_the_uninterrupted_parameters(tmp_path):
     """Every rank checkpoints its own part in this phase (nothing is gathered): a rank killed inside it
-    restarts under torchrun from the newest step every rank saved, and ends as the uninterrupted run."""
+    restarts under torchrun from the newest step every rank saved, and ends as the uninterrupted run,
+    its averaged weights' bits/dim (train.eval_ema) included."""
     config = pipelined_config(tmp_path, 2, **{"checkpoint.every_steps": 1, "checkpoint.keep": 8,
-                                              "distributed.microbatches": 4})
+                                              "distributed.microbatches": 4, "train.eval_ema": 0.9})
     ok(torchrun(2, config, tmp_path / "reference"))
     result = torchrun(2, config, tmp_path / "run", restarts=1, env={"PIPEFLOW_TEST_FAULT": "exit:1:8"})
     ok(result)
