@@ -12,7 +12,8 @@ TensorFlow's ExponentialMovingAverage does with ``num_updates``) keeps the first
 from weighing on the average for thousands of steps: with d = 0.999 and no warm-up, a 7,200-step
 MNIST run still lagged 0.05 bpd behind its raw weights at the end. The average starts from the
 weights after the first step (so that ActNorm's data-dependent start is in it) and travels in
-every checkpoint, so that a resumed run evaluates the same average as an uninterrupted one.
+every checkpoint, so that a resumed run evaluates the same average as an uninterrupted one (under
+the same decay: a run resumed with another ``train.eval_ema`` continues the saved average with it).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class WeightAverage:
 
     def state_dict(self) -> dict:
         """The average and its count of updates (its warm-up depends on the count), for a checkpoint."""
-        return {"updates": self.updates, "shadow": None if self.shadow is None else [s.clone() for s in self.shadow]}
+        return {"updates": self.updates, "shadow": self.shadow}  # saved at once: no copy needed
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -65,7 +66,7 @@ class WeightAverage:
         if shadow is not None and [s.shape for s in shadow] != [p.shape for p in self.params]:
             raise ValueError("the averaged weights do not match the model's parameters")
         self.updates = int(state["updates"])
-        self.shadow = None if shadow is None else [s.to(p.device, p.dtype).clone() for s, p in zip(shadow, self.params)]
+        self.shadow = None if shadow is None else [torch.empty_like(p).copy_(s) for s, p in zip(shadow, self.params)]
 
     @contextmanager
     def applied(self) -> Iterator[None]:

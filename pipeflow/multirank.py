@@ -12,9 +12,9 @@ A run on every rank is these named steps:
 6. **Fine-tune** -- the same loop on the whole model: data-parallel (DDP) or on rank 0 alone.
 7. **Finish** -- rank 0 writes ``model.pt`` and ``summary.json``; its model loads alone.
 
-Checkpoints (see :mod:`pipeflow.state`): by parts, every rank saves its part, optimiser and
-run state every ``checkpoint.every_steps`` steps and at each epoch's last step; in
-fine-tuning rank 0 saves the whole model (the DDP replicas are identical).
+Checkpoints (see :mod:`pipeflow.state`): by parts, every rank saves its part, optimiser,
+averaged weights and run state every ``checkpoint.every_steps`` steps and at each epoch's last
+step; in fine-tuning rank 0 saves the whole model (the DDP replicas are identical).
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """The figures of README.md's one-device claim at a plateau, from the two seeds' compare.json:
 
-    python docs/results/mnist_plateau_claim/table.py
+    python docs/results/mnist_plateau_claim/table.py            # lr 4e-3 (session 7), the folders here
+    python docs/results/mnist_plateau_claim/table.py lr2e-3     # lr 2e-3 (session 8), the folders in lr2e-3/
 
-Seed 1's alternate2 diverged; its evaluations until then are in seed1/alternate2_evals.json.
+At 4e-3 seed 1's alternate2 diverged; its evaluations until then are in seed1/alternate2_evals.json.
 """
 import json
+import sys
 from pathlib import Path
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent / (sys.argv[1] if len(sys.argv) > 1 else "")
 
 
 def evals(run: dict) -> list[dict]:
