@@ -25,6 +25,11 @@ def at(points: list[dict], x: float, key: str, along: str = "train_seconds") -> 
     return points[-1][key]
 
 
+def first_reaching(points: list[dict], level: float) -> float | None:
+    """The training seconds at the first evaluation whose averaged bits/dim is at or under ``level``."""
+    return next((p["train_seconds"] for p in points if p["test_bpd_ema"] <= level), None)
+
+
 def last_30(points: list[dict], key: str, along: str) -> float:
     """How much ``key`` fell over the last 30 % of the run, in ``along`` (seconds or epochs)."""
     end = points[-1][along]
@@ -52,13 +57,18 @@ def alternate_figures(seed: int, alt: list[dict], e2e: list[dict], raw: float | 
     last = by_parts[-1]
     print(f"  by parts, last evaluation: epoch {last['epoch']}, {last['train_seconds']:.0f} s, EMA "
           f"{last['test_bpd_ema']:.4f}; e2e then: {at(e2e, last['train_seconds'], 'test_bpd_ema'):.4f}")
+    speeds = []  # issue 15's target 1: how fast the by-parts phase reaches a bits/dim, against e2e
+    for level in (3.0, 2.8, 2.6, 2.5, 2.4, 2.3, 2.25, 2.2):
+        mine, theirs = first_reaching(by_parts, level), first_reaching(e2e, level)
+        speeds.append(f"{level}: " + (f"{theirs / mine:.2f}" if mine and theirs else "never"))
+    print("  e2e's seconds to an EMA bits/dim over the by-parts phase's: " + ", ".join(speeds))
     for epoch in (60, 120):
         a, e = next(x for x in alt if x["epoch"] == epoch), next(x for x in e2e if x["epoch"] == epoch)
         print(f"  epoch {epoch}: alternate2 EMA {a['test_bpd_ema']:.4f} after {a['train_seconds']:.0f} s, "
               f"e2e {e['test_bpd_ema']:.4f} after {e['train_seconds']:.0f} s")
 
 
-for seed in (0, 1):
+for seed in sorted(int(p.name[4:]) for p in HERE.glob("seed*")):
     runs = json.loads((HERE / f"seed{seed}" / "compare.json").read_text())["runs"]
     e2e = e2e_figures(seed, runs["e2e"])
     if "error" in runs["alternate2"]:
