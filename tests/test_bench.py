@@ -108,6 +108,19 @@ def test_bench_runs_everything_and_writes_json(full_bench):
         assert first["backward_bytes_per_step"] == last["forward_bytes_per_step"] == 0
         assert runs[name]["warmup_seconds"] > 0 and all(x["utilisation"] > 0 for x in (first, last))
 
+    # the floor of each process's convolutions: recorded from a forward pass of what it trains; the ranks of
+    # DDP and of GPipe/1F1B share e2e's convolutions out, and a by-parts stage adds its boundary prior's
+    conv_flops = {name: [_recorded_flops(x) for x in r["ranks"]] for name, r in runs.items() if name != "alternate across"}
+    assert runs["alternate across"]["ranks"][0]["conv_floor_seconds"] is None  # no one step: no floor
+    (whole,) = conv_flops["e2e"]
+    assert sum(conv_flops["ddp x2"]) == pytest.approx(whole) and conv_flops["ddp x2"][0] == conv_flops["ddp x2"][1]
+    assert sum(conv_flops["gpipe x2"]) == sum(conv_flops["1f1b x2"]) == pytest.approx(whole)
+    assert conv_flops["pipeline across x2"][1] == conv_flops["gpipe x2"][1]  # the last part: the same either way
+    assert conv_flops["pipeline across x2"][0] > conv_flops["gpipe x2"][0]  # part 0's flow head
+    for name, r in runs.items():
+        holders = r["ranks"] if r["kind"] in ("pipeline", "pipelined") else [r]
+        assert all(x["ceiling"] > 0 for x in holders) if name != "alternate across" else r["ceiling"] is None
+
     alt = report["predictions"]["alternate"]
     assert alt["step_ratio"]["flop_model"] == pytest.approx(split["flop_model"]["alternate_step"])
     step, plan = alt["step_ratio"]["flop_model"], alt["plan_ratio"]["flop_model"]
@@ -256,6 +269,15 @@ def test_pipeline_goes_as_fast_as_its_slowest_stage():
 
 
 MIB = 2**20
+
+
+def _recorded_flops(rank: dict) -> float:
+    """Training FLOPs of the convolutions a bench process recorded of its step."""
+    from pipeflow.tools.conv_floor import ConvCall
+
+    return sum(row["count"] * ConvCall(tuple(row["input"]), tuple(row["weight"]), row["bias"], tuple(row["stride"]),
+                                       tuple(row["padding"]), tuple(row["dilation"]), row["groups"]).train_flops
+               for row in rank["convolutions"])
 
 
 def worker_result(step_seconds, active=None, peak=MIB, rank=0):
@@ -426,12 +448,13 @@ def test_compiled_row_reports_its_compilation_speedup_and_utilisation(config, co
     common = {"schedule": "e2e", "scheme": None, "cuts": [], "ranks_count": 1, "threads_per_rank": 1,
               "bandwidth": None}
     for name, steps in (("e2e", [9.0, 9.0, 0.5, 0.4, 0.6]), ("e2e compiled", [60.0, 9.0] + [compiled_step] * 3)):
-        result = {**worker_result(steps), "conv_flops_per_s": 384e9}
+        result = {**worker_result(steps), "conv_flops_per_s": 384e9, "conv_floor": {"seconds": 0.125}}
         session.record(name, "single", _single_metrics(result, 2, 1, "e2e"), compiled=name != "e2e", **common)
     _derive(report, load_config(config), (1, 8, 8), 2)
     eager, compiled = report["runs"]
     assert eager["utilisation"] == pytest.approx(0.5)
     assert compiled["utilisation"] == pytest.approx(96e9 / compiled_step / 384e9)
+    assert eager["ceiling"] == compiled["ceiling"] == pytest.approx(96e9 / 0.125 / 384e9)  # 2: its convolutions' floor
     # 69 s of warm-up where two steps take 2 x compiled_step, less the eager warm-up's 17 s beyond its steps
     assert compiled["compile_seconds"] == pytest.approx(69 - 2 * compiled_step - 17)
     assert compiled["amortised_after_steps"] == pytest.approx(compiled["compile_seconds"] / (0.5 - compiled_step))

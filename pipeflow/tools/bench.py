@@ -29,7 +29,11 @@ from the step time with the number of steps that pay it back. Every run reports 
 *utilisation*: the FLOP model's FLOPs per second (a training step: 3x the forward pass) over the
 rate each process measures on a 3x3 convolution of the model's shape
 (:func:`pipeflow.tools.bench_worker.conv_rate`); for a P-rank pipeline, each stage's over its
-busy time.
+busy time. Beside it stands its *ceiling*: the same FLOPs over the least time the step's own
+convolutions take on the device, each timed alone in its faster memory layout
+(:mod:`pipeflow.tools.conv_floor`). A step far under its ceiling loses time outside its
+convolutions; a ceiling under a target says that, with these convolution kernels, nothing done
+elsewhere in the step can meet it on this device.
 """
 
 from __future__ import annotations
@@ -187,10 +191,17 @@ def _single_metrics(result: dict, warmup: int, parts: int, schedule: str) -> dic
     return {"step_seconds": step, "step_seconds_mean": statistics.fmean(times), "step_times": times, **extra,
             "warmup_seconds": sum(result["step_seconds"][:warmup]),
             "ranks": [{"rank": 0, "stage": None, "busy_fraction": 1.0, "busy_seconds_per_step": step,
-                       "idle_seconds_per_step": 0.0, "conv_flops_per_s": result.get("conv_flops_per_s"),
+                       "idle_seconds_per_step": 0.0, **_conv_figures(result),
                        **_memory(result)}],
             "forward_bytes_per_step": 0, "backward_bytes_per_step": 0, "forward_bytes_per_rank_per_step": 0,
             "backward_bytes_per_rank_per_step": 0, "skipped_steps": result["skipped"]}
+
+
+def _conv_figures(result: dict) -> dict:
+    """A process's convolution rate (the reference of utilisation) and the floor of its step's convolutions."""
+    floor = result.get("conv_floor") or {}
+    return {"conv_flops_per_s": result.get("conv_flops_per_s"), "conv_floor_seconds": floor.get("seconds"),
+            "convolutions": floor.get("convolutions")}
 
 
 def _memory(result: dict) -> dict:
@@ -209,7 +220,7 @@ def _ddp_metrics(results: list[dict], warmup: int) -> dict:
             "warmup_seconds": sum(warm),
             "ranks": [{"rank": r["rank"], "stage": None, "busy_fraction": None, "busy_seconds_per_step": None,
                        "idle_seconds_per_step": None, "sent_bytes_per_step": r["wire_bytes_per_step"],
-                       "conv_flops_per_s": r.get("conv_flops_per_s"),
+                       **_conv_figures(r),
                        "paced_seconds": r.get("paced_seconds", 0.0), **_memory(r)}
                       for r in results],
             "forward_bytes_per_step": 0,
@@ -240,7 +251,7 @@ def _stage_metrics(results: list[dict], warmup: int, steps: int) -> dict:
                       "busy_seconds_per_step": busy / steps, "idle_seconds_per_step": (window - busy) / steps,
                       "step_seconds": medians[-1], "step_times": gaps,
                       "forward_bytes_per_step": fwd, "sent_bytes_per_step": fwd, "wire_seconds": r["wire_seconds"],
-                      "paced_seconds": r.get("paced_seconds", 0.0), "conv_flops_per_s": r.get("conv_flops_per_s"),
+                      "paced_seconds": r.get("paced_seconds", 0.0), **_conv_figures(r),
                       "params": r["params"], "in_shape": r.get("in_shape"), "out_shape": r.get("out_shape"),
                       # every update of the rank, warm-up included: (start, end) in seconds from the first update
                       "updates": [(round(a - t0, 6), round(b - t0, 6)) for a, b in iv],
@@ -270,7 +281,7 @@ def _pipelined_metrics(results: list[dict], warmup: int, steps: int) -> dict:
         ranks.append({"rank": r["rank"], "stage": r["stage"], "busy_fraction": busy / window if window > 0 else None,
                       "busy_seconds_per_step": busy / steps, "idle_seconds_per_step": (window - busy) / steps,
                       "forward_bytes_per_step": fwd, "backward_bytes_per_step": bwd, "sent_bytes_per_step": fwd + bwd,
-                      "conv_flops_per_s": r.get("conv_flops_per_s"), "params": r["params"],
+                      **_conv_figures(r), "params": r["params"],
                       "in_shape": r["in_shape"], "out_shape": r["out_shape"], **_memory(r)})
     return {"step_seconds": _median(per_step), "step_seconds_mean": statistics.fmean(per_step), "step_times": per_step,
             "warmup_seconds": max(r["intervals"][warmup - 1][1] for r in results) - t0,
@@ -603,11 +614,14 @@ def _rate(ranks: list[dict]) -> float | None:
 
 
 def _add_utilisation(r: dict, report: dict) -> None:
-    """The model's FLOPs per second in a run, and over the convolution rate of its processes.
+    """The model's FLOPs per second in a run, over the convolution rate of its processes, and its ceiling.
 
     A training step costs 3x the forward FLOPs (:mod:`pipeflow.tools.flops`) of what it trains:
     the whole model (``alternate``: the FLOP model's share of it). A pipeline stage's figure is its
     own part's over its busy time, on its own rank's rate (GPipe's and 1F1B's too, over their microbatches).
+    The ceiling is the same FLOPs over the least time the step's convolutions take on the device
+    (:mod:`pipeflow.tools.conv_floor`; the slowest rank's, for DDP; a pipeline's, per stage): no step of
+    this model can do better with these kernels.
     """
     from pipeflow.tools.flops import BACKWARD_FACTOR  # noqa: PLC0415
 
@@ -618,13 +632,16 @@ def _add_utilisation(r: dict, report: dict) -> None:
     rate = _rate(r["ranks"])
     r["utilisation"] = r["flops_per_s"] / rate if rate else None
     if r["kind"] not in ("pipeline", "pipelined"):
+        floors = [x.get("conv_floor_seconds") for x in r["ranks"]]
+        r["ceiling"] = flops / max(floors) / rate if rate and floors and None not in floors else None
         return
     parts = report["splits"].get(r["scheme"], {}).get("parts", [])
     key = "flops" if r["kind"] == "pipeline" else "flops_glued"  # by parts with its boundary prior, or fine-tuning
     for x, part in zip(r["ranks"], parts):
-        busy, own = x["busy_seconds_per_step"], x.get("conv_flops_per_s")
+        busy, own, floor = x["busy_seconds_per_step"], x.get("conv_flops_per_s"), x.get("conv_floor_seconds")
         x["flops_per_s"] = train * part[key] / busy if busy else None
         x["utilisation"] = x["flops_per_s"] / own if own and x["flops_per_s"] else None
+        x["ceiling"] = train * part[key] / floor / own if own and floor else None
 
 
 def _add_compile_figures(r: dict, eager: dict | None) -> None:
@@ -646,12 +663,15 @@ def _compile_targets(runs: list[dict], e2e: dict | None) -> list[dict]:
                     "met": compiled["speedup_over_eager"] >= 1.4})
     for r in runs:
         if r["kind"] == "pipeline" and not r["bandwidth"] or r["name"] in ("e2e", "e2e compiled"):
-            figures = [x.get("utilisation") for x in r["ranks"]] if r["kind"] == "pipeline" else [r["utilisation"]]
+            holders = r["ranks"] if r["kind"] == "pipeline" else [r]
+            figures = [x.get("utilisation") for x in holders]
             if None in figures:
                 continue
+            ceilings = [x.get("ceiling") for x in holders]
             out.append({"target": "utilisation >= 50% of the convolution rate" + (
                 " (the least busy-time figure of its stages)" if r["kind"] == "pipeline" else ""),
-                "run": r["name"], "value": min(figures), "threshold": 0.5, "met": min(figures) >= 0.5})
+                "run": r["name"], "value": min(figures), "threshold": 0.5, "met": min(figures) >= 0.5,
+                **({"note": "ceiling " + "/".join(f"{c:.0%}" for c in ceilings)} if None not in ceilings else {})})
     return out
 
 
@@ -820,7 +840,7 @@ def _measured_costs_shown(runs: list[dict]) -> bool:
 
 def _run_columns(measured: bool) -> list[str]:
     return ["run", "ranks", "img/s", "speed-up", "step ms", "/e2e", "FLOPs", *(["costs"] if measured else []),
-            "util", "compile s", "busy", "idle ms", "peak MiB", "fwd B", "bwd B"]
+            "util", "ceiling", "compile s", "busy", "idle ms", "peak MiB", "fwd B", "bwd B"]
 
 
 def _run_cells(r: dict, measured: bool, step_ms: str) -> list[str]:
@@ -833,6 +853,7 @@ def _run_cells(r: dict, measured: bool, step_ms: str) -> list[str]:
             _f(r.get("flop_model_step_ratio"), "{:.3f}"),
             *([_f(r.get("measured_model_step_ratio"), "{:.3f}")] if measured else []),
             "/".join(_f(x.get("utilisation"), "{:.0%}") for x in ranks) if pipe else _f(r.get("utilisation"), "{:.0%}"),
+            "/".join(_f(x.get("ceiling"), "{:.0%}") for x in ranks) if pipe else _f(r.get("ceiling"), "{:.0%}"),
             _f(r.get("compile_seconds"), "{:.0f}"),
             "/".join(_f(x["busy_fraction"], "{:.0%}") for x in ranks) if pipe else "-",
             "/".join(_f(x["idle_seconds_per_step"] * 1000, "{:.0f}") for x in ranks) if pipe else "-",
@@ -889,7 +910,9 @@ def _runs_table(report: dict):
                  + (", costs" if measured else "") + ": that ratio as the FLOP model"
                  + (" and the measured step costs" if measured else "")
                  + " predict it; util: the FLOP model's FLOPs/s over the processes' rate on a 3x3 convolution of "
-                 "the model's shape (a pipeline: each stage's over its busy time); compile s: compilation, the "
+                 "the model's shape (a pipeline: each stage's over its busy time); ceiling: the most util could be, "
+                 "the step's own convolutions each at its best measured rate and nothing else in the step (none for "
+                 "alternate); compile s: compilation, the "
                  "compiled run's warm-up beyond its eager row's; busy: share of the time in updates; idle ms: per "
                  "step; peak: above the process's baseline; fwd, bwd B: the most any rank sends per step, forward "
                  "to the next stage or, for DDP, in the gradient all-reduce")

@@ -22,7 +22,9 @@ spec's ``out`` folder. Every mode drives the library's own training code; only t
 
 With ``train.compile`` set in the spec's config, the same runs train compiled parts. After its
 steps every training process measures the machine's own rate (:func:`conv_rate`), the measure
-of its utilisation.
+of its utilisation, and the least time its step's own convolutions take
+(:func:`pipeflow.tools.conv_floor.convolution_floor`, on a forward pass of what it trains that
+each mode hands back as ``probe``), the ceiling of that utilisation.
 
 Memory (:class:`Memory`): the peak over the first two (warm-up) steps of CUDA allocated
 memory, or of live anonymous memory on a CPU, above a baseline taken just before the
@@ -42,6 +44,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -51,9 +54,11 @@ from pipeflow.data import Batches, ImageData, load_dataset
 from pipeflow.distributed.process_group import RankEnv, choose_device, join, leave
 from pipeflow.distributed.collectives import CollectiveWatch, watched_allreduce
 from pipeflow.loop import Chain, DataStream, Hooks, Tally, inbox_stream, run_loop
+from pipeflow.objective import hand_on, part_objective
 from pipeflow.part_trainer import PartTrainer, make_optimizer
 from pipeflow.build import build_model, build_parts, part_lr
 from pipeflow.parts import Part
+from pipeflow.tools.conv_floor import ConvCall, convolution_floor, time_convolutions
 
 
 # ---------------------------------------------------------------- memory
@@ -298,8 +303,9 @@ def run_single(spec: dict, rank: int, device: torch.device, memory: Memory) -> d
     clock = StepClock(device, memory, chain)
     memory.reset_peak()
     run_loop(chain, _stream(batches, device), Tally(), clock.hooks(), "bench")
+    probe = None if spec["schedule"] == "alternate" else trained_forward(trainers, spec["batch"], device)
     return {"step_seconds": clock.seconds, "active": clock.active, "rank": rank, "stage": 0,
-            "memory": memory.report(), "skipped": sum(tr.skipped for tr in trainers)}
+            "memory": memory.report(), "skipped": sum(tr.skipped for tr in trainers), "probe": probe}
 
 
 def run_ddp(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
@@ -338,7 +344,8 @@ def run_ddp(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict
     return {"step_seconds": clock.seconds, "rank": rank, "stage": 0, "memory": memory.report(),
             "skipped": trainer.skipped, "allreduce_bytes_per_step": hook.payload_bytes / timed,
             "wire_bytes_per_step": hook.wire_bytes / timed, "buckets_per_step": hook.buckets / timed,
-            "paced_seconds": hook.paced_seconds, "params": sum(p.numel() for p in whole.parameters())}
+            "paced_seconds": hook.paced_seconds, "params": sum(p.numel() for p in whole.parameters()),
+            "probe": trained_forward([trainer], rows, device)}
 
 
 def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
@@ -380,7 +387,8 @@ def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) 
             "forward_bytes": counters.forward_bytes, "backward_bytes": counters.backward_bytes,
             "forward_messages": counters.forward_messages, "wire_seconds": counters.wire_seconds,
             "paced_seconds": counters.paced_seconds, "params": params, "skipped": trainer.skipped,
-            "in_shape": list(part.in_shape), "out_shape": list(part.out_shape)}
+            "in_shape": list(part.in_shape), "out_shape": list(part.out_shape),
+            "probe": trained_forward([trainer], spec["batch"], device)}
 
 
 def run_pipelined_mode(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
@@ -418,7 +426,9 @@ def run_pipelined_mode(spec: dict, rank: int, device: torch.device, memory: Memo
         memory.step_done(len(intervals))
     return {"intervals": intervals, "compute_seconds": compute, "sent": sent, "rank": rank, "stage": rank,
             "memory": memory.report(), "params": params, "skipped": trainer.skipped,
-            "in_shape": list(part.in_shape), "out_shape": list(part.out_shape)}
+            "in_shape": list(part.in_shape), "out_shape": list(part.out_shape),
+            "probe": trained_forward([trainer], spec["batch"] // spec["microbatches"], device,
+                                     times=spec["microbatches"], without_prior=rank < world - 1)}
 
 
 def run_costs(spec: dict, rank: int, device: torch.device, memory: Memory) -> dict:
@@ -443,19 +453,30 @@ def conv_rate(spec: dict, device: torch.device, rows: int, repeats: int = 5) -> 
     run's memory layout (train.channels_last), so that a faster layout raises the rate it is held to.
     """
     hidden, h, w = spec["conv_shape"]
-    layout = torch.channels_last if spec["config"]["train"].get("channels_last") else torch.contiguous_format
-    conv = torch.nn.Conv2d(hidden, hidden, 3, padding=1, bias=False).to(device, memory_format=layout)
-    x = torch.randn(rows, hidden, h, w, device=device).contiguous(memory_format=layout).requires_grad_()
-    flops = 3 * 2.0 * hidden * hidden * 9 * h * w * rows  # forward, and a backward twice as costly
-    best = float("inf")
-    for k in range(repeats + 1):  # the first pass warms up
-        _sync(device)
-        start = time.perf_counter()
-        conv(x).sum().backward()
-        _sync(device)
-        if k:
-            best = min(best, time.perf_counter() - start)
-    return flops / best
+    layout = "nhwc" if spec["config"]["train"].get("channels_last") else "nchw"
+    call = ConvCall((rows, hidden, h, w), (hidden, hidden, 3, 3), False, (1, 1), (1, 1), (1, 1), 1)
+    seconds, _ = time_convolutions([call], device, (layout,), repeats)[call]
+    return call.train_flops / seconds
+
+
+def trained_forward(trainers: list[PartTrainer], rows: int, device: torch.device, times: int = 1,
+                    without_prior: bool = False) -> Callable[[], None]:
+    """A forward pass of what ``trainers`` train in one step, for :func:`convolution_floor` to record.
+
+    Each part runs on a random latent of its input's shape: the convolutions' shapes do not depend on
+    the values. ``times``: microbatches per step; ``without_prior``: a pipelined fine-tuning stage before
+    the last, which trains its part without its boundary prior.
+    """
+    def forward() -> None:
+        for _ in range(times):
+            for tr in trainers:
+                h = torch.randn(rows, *tr.part.in_shape, device=device)
+                carry = torch.zeros(rows, device=device)
+                if without_prior:
+                    hand_on(tr.likelihood, h, carry)
+                else:
+                    part_objective(tr.likelihood, h, carry, tr.num_dims, tr.n_bins)
+    return forward
 
 
 MODES = {"single": run_single, "ddp": run_ddp, "stage": run_stage_mode, "pipelined": run_pipelined_mode,
@@ -481,9 +502,12 @@ def main(argv: list[str] | None = None) -> int:
             device = choose_device(backend, who.local_rank)[1]
         memory = Memory(device)
         result = MODES[spec["mode"]](spec, rank, device, memory)
+        probe = result.pop("probe", None)  # what the process trains in a step, for the floor of its convolutions
         if spec["mode"] != "costs" and "conv_shape" in spec:
             rows = spec["batch"] // spec["world"] if spec["mode"] == "ddp" else spec["batch"]
             result["conv_flops_per_s"] = conv_rate(spec, device, rows)
+            if probe is not None:
+                result["conv_floor"] = convolution_floor(probe, device)
         result["threads"] = torch.get_num_threads()
         result["device"] = str(device)
         if distributed:
