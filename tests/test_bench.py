@@ -110,7 +110,8 @@ def test_bench_runs_everything_and_writes_json(full_bench):
 
     # the floor of each process's convolutions: recorded from a forward pass of what it trains; the ranks of
     # DDP and of GPipe/1F1B share e2e's convolutions out, and a by-parts stage adds its boundary prior's
-    conv_flops = {name: [_recorded_flops(x) for x in r["ranks"]] for name, r in runs.items() if name != "alternate across"}
+    conv_flops = {name: [_recorded_flops(x) for x in r["ranks"]]
+                  for name, r in runs.items() if name != "alternate across"}
     assert runs["alternate across"]["ranks"][0]["conv_floor_seconds"] is None  # no one step: no floor
     (whole,) = conv_flops["e2e"]
     assert sum(conv_flops["ddp x2"]) == pytest.approx(whole) and conv_flops["ddp x2"][0] == conv_flops["ddp x2"][1]

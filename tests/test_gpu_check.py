@@ -39,4 +39,7 @@ def test_a_tiny_cpu_dry_run_records_the_ratio_and_the_memory(tmp_path):
     assert ratio["paper"] == 720 / 1026
     assert 0 < ratio["flop_model"] < 1  # one part trains per step: less work than end to end
     assert ratio["measured"] == result["bench"]["predictions"]["alternate"]["step_ratio"]["measured"]
+    util, ceiling = check["utilisation_and_ceiling"]["e2e"]
+    assert 0 < util and 0 < ceiling and check["utilisation_and_ceiling"][next(
+        n for n in check["peak_memory_bytes"] if n.startswith("alternate"))][1] is None  # alternate: no one step
     assert torch.__version__ == result["torch"]

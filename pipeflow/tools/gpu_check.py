@@ -5,9 +5,10 @@
 Trains ``configs/cifar10_glow.toml`` for a few hundred steps in each schedule through the bench
 workers (``pipeflow bench``: e2e, alternate, and every part on every batch on one device), and
 records the alternate/e2e step ratio against the FLOP model and the paper's 0.70 (2 parts) and
-0.63 (3 parts), and each run's peak CUDA memory (``max_memory_allocated``). With 2 or more GPUs
-it also runs the P-rank pipeline and DDP under torch's launcher (each part's own peak memory
-is then its rank's). It writes one JSON file under ``--out``.
+0.63 (3 parts), each run's peak CUDA memory (``max_memory_allocated``), and each run's
+utilisation beside its ceiling (what its own convolutions allow, :mod:`pipeflow.tools.conv_floor`).
+With 2 or more GPUs it also runs the P-rank pipeline and DDP under torch's launcher (each part's
+own peak memory is then its rank's). It writes one JSON file under ``--out``.
 
 Without CUDA it stops at once with one line (exit status 2). ``--device cpu --tiny`` runs the
 same logic on a tiny model, for the tests.
@@ -69,6 +70,9 @@ def summarize(report: dict, parts: int, gpus: int) -> dict:
         # each part on its own GPU: its rank's peak, beside the FLOP model's share of the work per part
         "pipeline_peak_memory_bytes_per_part": {r["name"]: [x["peak_memory_bytes"] for x in r["ranks"]] for r in pipes},
         "flop_model": (report.get("splits", {}).get(alt["scheme"]) or {}).get("flop_model") if alt else None,
+        # issue 13 on the GPU: each run's utilisation of the convolution rate, and the most its convolutions allow
+        "utilisation_and_ceiling": {name: [r.get("utilisation"), r.get("ceiling")] for name, r in runs.items()
+                                    if "error" not in r},
         "errors": {name: r["error"] for name, r in runs.items() if "error" in r},
         "gpus": gpus,
     }
