@@ -201,6 +201,22 @@ def test_actnorm_loading_an_uninitialised_state_initialises_again():
     torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
 
 
+def test_a_saturated_affine_gate_keeps_a_finite_logdet_and_gradient():
+    """float32, a coupling whose gate s + 2 is -150 for every element: sigmoid underflows to 0, so
+    log(sigmoid) was -inf with an infinite gradient; the log-det is now sum(s + 2) to rounding, and the
+    gradient of every parameter finite."""
+    layer = AffineCoupling(4, hidden=8)
+    with torch.no_grad():
+        layer.net.out.conv.bias[2:] = -152.0  # the s half of the network's output; its weights stay zero
+    x = torch.randn(3, 4, 5, 5)
+    y, logdet = layer(x)
+    assert torch.sigmoid(torch.tensor(-150.0)) == 0
+    torch.testing.assert_close(logdet, torch.full((3,), -150.0 * 2 * 5 * 5))
+    (logdet.sum() + y.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    assert layer.net.out.conv.bias.grad[2:].abs().max() > 0  # the gradient reaches the gate
+
+
 # --- 1x1 convolutions ------------------------------------------------------------------------------
 
 

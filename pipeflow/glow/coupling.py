@@ -63,20 +63,23 @@ class AffineCoupling(nn.Module):
         self.split = channels // 2
         self.net = CouplingNet(self.split, 2 * (channels - self.split), hidden)
 
-    def _shift_and_scale(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shift_and_gate(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shift, and the gate whose sigmoid is the scale."""
         shift, s = self.net(x_a).chunk(2, dim=1)
-        return shift, torch.sigmoid(s + 2.0)
+        return shift, s + 2.0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_a, x_b = x[:, : self.split], x[:, self.split :]
-        shift, scale = self._shift_and_scale(x_a)
-        y_b = (x_b + shift) * scale
-        return torch.cat([x_a, y_b], dim=1), torch.log(scale).flatten(1).sum(1)
+        shift, gate = self._shift_and_gate(x_a)
+        y_b = (x_b + shift) * torch.sigmoid(gate)
+        # log(sigmoid(gate)) would be -inf, and its gradient infinite, once sigmoid underflows (gate < about
+        # -88 in float32); logsigmoid stays finite there, about gate, with a gradient near 1
+        return torch.cat([x_a, y_b], dim=1), F.logsigmoid(gate).flatten(1).sum(1)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         y_a, y_b = y[:, : self.split], y[:, self.split :]
-        shift, scale = self._shift_and_scale(y_a)
-        return torch.cat([y_a, y_b / scale - shift], dim=1)
+        shift, gate = self._shift_and_gate(y_a)
+        return torch.cat([y_a, y_b / torch.sigmoid(gate) - shift], dim=1)
 
 
 class AdditiveCoupling(nn.Module):
