@@ -60,7 +60,7 @@ def full_bench(config, tmp_path_factory) -> tuple[subprocess.CompletedProcess, d
     """One `pipeflow bench` of every kind of run on the tiny config: its output and its JSON report."""
     out = tmp_path_factory.mktemp("bench-json") / "bench.json"
     result = pipeflow("bench", "--config", config, "--steps", 3, "--warmup", 2, "--scheme", "across",
-                      "--only", "e2e,alternate,ddp,pipeline,gpipe,1f1b", "--json", out, "--quiet")
+                      "--only", "e2e,alternate,pipeline-1dev,ddp,pipeline,gpipe,1f1b", "--json", out, "--quiet")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result, json.loads(out.read_text())
 
@@ -72,7 +72,8 @@ def test_bench_runs_everything_and_writes_json(full_bench):
         assert key in report
     assert report["settings"]["parts"] == 2 and report["settings"]["batch"] == 16
     runs = {r["name"]: r for r in report["runs"]}
-    assert set(runs) == {"e2e", "alternate across", "ddp x2", "pipeline across x2", "gpipe x2", "1f1b x2"}, runs.keys()
+    assert set(runs) == {"e2e", "alternate across", "pipeline across 1 dev", "ddp x2", "pipeline across x2", "gpipe x2",
+                         "1f1b x2"}, runs.keys()
     for r in runs.values():
         assert "error" not in r, r
         assert r["step_seconds"] > 0 and len(r["step_times"]) == 3
@@ -108,16 +109,26 @@ def test_bench_runs_everything_and_writes_json(full_bench):
         assert first["backward_bytes_per_step"] == last["forward_bytes_per_step"] == 0
         assert runs[name]["warmup_seconds"] > 0 and all(x["utilisation"] > 0 for x in (first, last))
 
-    # the floor of each process's convolutions: recorded from a forward pass of what it trains; the ranks of
-    # DDP and of GPipe/1F1B share e2e's convolutions out, and a by-parts stage adds its boundary prior's
+    # the floor of each process's convolutions: recorded from a forward pass of what it trains. e2e's are the FLOP
+    # model's (less its few FLOPs per element); the ranks of DDP share them out by rows, GPipe's and 1F1B's by
+    # parts and microbatches; a by-parts stage adds its boundary prior's (the last part's, the top prior, has
+    # no convolution, so that it is there cannot be seen here)
     conv_flops = {name: [_recorded_flops(x) for x in r["ranks"]]
                   for name, r in runs.items() if name != "alternate across"}
     assert runs["alternate across"]["ranks"][0]["conv_floor_seconds"] is None  # no one step: no floor
     (whole,) = conv_flops["e2e"]
+    assert 1.0 < 3 * 16 * sum(report["step_costs"]["flops"]) / whole < 1.1
     assert sum(conv_flops["ddp x2"]) == pytest.approx(whole) and conv_flops["ddp x2"][0] == conv_flops["ddp x2"][1]
+    assert {row["input"][0] for row in runs["ddp x2"]["ranks"][0]["convolutions"]} == {8}
     assert sum(conv_flops["gpipe x2"]) == sum(conv_flops["1f1b x2"]) == pytest.approx(whole)
+    micro = report["settings"]["microbatches"]
+    for name in ("gpipe x2", "1f1b x2"):
+        assert {row["input"][0] for x in runs[name]["ranks"] for row in x["convolutions"]} == {16 // micro}
+        assert {row["count"] % micro for x in runs[name]["ranks"] for row in x["convolutions"]} == {0}
     assert conv_flops["pipeline across x2"][1] == conv_flops["gpipe x2"][1]  # the last part: the same either way
     assert conv_flops["pipeline across x2"][0] > conv_flops["gpipe x2"][0]  # part 0's flow head
+    (one_device,) = conv_flops["pipeline across 1 dev"]
+    assert one_device == pytest.approx(sum(conv_flops["pipeline across x2"]))  # every part, with its prior
     for name, r in runs.items():
         holders = r["ranks"] if r["kind"] in ("pipeline", "pipelined") else [r]
         assert all(x["ceiling"] > 0 for x in holders) if name != "alternate across" else r["ceiling"] is None

@@ -6,8 +6,8 @@ apart). Here four trainers of the same model on the same batch (eager, eager cha
 compiled channels_last) take turns of ``--turn`` steps, round after round, so that a drift touches
 them all alike; each turn's median step is kept, and each variant's ratio to the eager step is the
 median over rounds of the ratio within a round. ``--malloc bench`` (the default) gives large blocks
-the heap as bench's timed steps do (a fixed 32 MiB mmap threshold); ``--malloc glibc`` keeps glibc's
-defaults, as ``pipeflow train`` runs. Run from the repository root:
+the heap as bench's timed steps do (fixed mmap and trim thresholds of 32 and 64 MiB); ``--malloc glibc``
+keeps glibc's defaults, as ``pipeflow train`` runs. Run from the repository root:
 
     .venv/bin/python docs/benchmarks/interleaved_compile.py --rounds 6 --turn 6 [--malloc glibc]
 """
@@ -26,7 +26,7 @@ from pipeflow.config import load_config
 from pipeflow.data import dataset_shape, load_dataset, n_bins
 from pipeflow.part_trainer import PartTrainer
 from pipeflow.parts import whole_model_part
-from pipeflow.tools.bench_worker import M_MMAP_THRESHOLD, _mallopt, bench_batches
+from pipeflow.tools.bench_worker import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, _mallopt, bench_batches
 
 VARIANTS = {"eager": (False, False), "eager channels_last": (False, True), "compiled": (True, False),
             "compiled channels_last": (True, True)}
@@ -53,6 +53,7 @@ def main() -> None:
     args = p.parse_args()
     if args.malloc == "bench":
         _mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+        _mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
     torch.set_num_threads(1)
     cfg = load_config(args.config)
     data = load_dataset(cfg.data)

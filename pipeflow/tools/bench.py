@@ -31,9 +31,9 @@ rate each process measures on a 3x3 convolution of the model's shape
 (:func:`pipeflow.tools.bench_worker.conv_rate`); for a P-rank pipeline, each stage's over its
 busy time. Beside it stands its *ceiling*: the same FLOPs over the least time the step's own
 convolutions take on the device, each timed alone in its faster memory layout
-(:mod:`pipeflow.tools.conv_floor`). A step far under its ceiling loses time outside its
-convolutions; a ceiling under a target says that, with these convolution kernels, nothing done
-elsewhere in the step can meet it on this device.
+(:mod:`pipeflow.tools.conv_floor`). A step under its ceiling loses time outside its convolutions,
+or runs them in a slower layout; a ceiling under a target says that, with these convolution
+kernels, nothing done elsewhere in the step can meet it on this device.
 """
 
 from __future__ import annotations
@@ -619,9 +619,9 @@ def _add_utilisation(r: dict, report: dict) -> None:
     A training step costs 3x the forward FLOPs (:mod:`pipeflow.tools.flops`) of what it trains:
     the whole model (``alternate``: the FLOP model's share of it). A pipeline stage's figure is its
     own part's over its busy time, on its own rank's rate (GPipe's and 1F1B's too, over their microbatches).
-    The ceiling is the same FLOPs over the least time the step's convolutions take on the device
-    (:mod:`pipeflow.tools.conv_floor`; the slowest rank's, for DDP; a pipeline's, per stage): no step of
-    this model can do better with these kernels.
+    The ceiling is the same FLOPs over the measured floor of the step's convolutions on the device
+    (:mod:`pipeflow.tools.conv_floor`; the slowest rank's, for DDP; a pipeline's, per stage): what a step
+    whose convolutions all ran at their best, and whose other work were free, would reach.
     """
     from pipeflow.tools.flops import BACKWARD_FACTOR  # noqa: PLC0415
 

@@ -9,10 +9,10 @@ tell a slow implementation from a model whose own convolutions cannot go faster.
 The floor answers that. It records every convolution a forward pass of what a process trains
 calls (their shapes, strides and padding, how many times), then times each distinct one alone,
 forward and backward (gradients of its input and weights, as training needs them), in both memory
-layouts, and keeps the faster. Their sum, at their counts, is the least time the step's
-convolutions take on this device with these kernels, with everything else in the step free.
-The FLOP model's FLOPs over that time, over the reference rate, is the most utilisation the step
-could reach: its ceiling.
+layouts, and keeps the faster. Their sum, at their counts, estimates the least time the step's
+convolutions take on this device with these kernels, with everything else in the step free. It is a
+measurement, not a bound: it moves with the machine's load as the steps do. The FLOP model's FLOPs
+over that time, over the reference rate, is the most utilisation the step could reach: its ceiling.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+GPU_PASSES = 10  # passes per timed sample on a GPU
 
 
 @dataclass(frozen=True)
 class ConvCall:
-    """One convolution as a step calls it: input and weight shapes, whether it adds a bias, and its geometry."""
+    """One convolution as a step calls it: input and weight shapes, whether it adds a bias, its geometry, its dtype."""
 
     input: tuple[int, ...]
     weight: tuple[int, ...]
@@ -40,6 +41,7 @@ class ConvCall:
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
     groups: int
+    dtype: str = "float32"
 
     @property
     def train_flops(self) -> float:
@@ -62,8 +64,9 @@ class _Recorder(TorchDispatchMode):
         if func is torch.ops.aten.convolution.default:
             x, weight, bias, stride, padding, dilation, transposed, _, groups = args
             if not transposed and x.dim() == 4:
+                dtype = str(x.dtype).removeprefix("torch.")
                 self.calls[ConvCall(tuple(x.shape), tuple(weight.shape), bias is not None, tuple(stride),
-                                    tuple(padding), tuple(dilation), groups)] += 1
+                                    tuple(padding), tuple(dilation), groups, dtype)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -82,9 +85,10 @@ def _sync(device: torch.device) -> None:
 
 def _pass(call: ConvCall, device: torch.device, layout: torch.memory_format) -> Callable[[], None]:
     """One training pass of ``call`` alone: forward, then the gradients of its input, weight and bias."""
-    x = torch.randn(call.input, device=device).contiguous(memory_format=layout).requires_grad_()
-    weight = torch.randn(call.weight, device=device).contiguous(memory_format=layout).requires_grad_()
-    bias = torch.randn(call.weight[0], device=device, requires_grad=True) if call.bias else None
+    like = {"device": device, "dtype": getattr(torch, call.dtype)}
+    x = torch.randn(call.input, **like).contiguous(memory_format=layout).requires_grad_()
+    weight = torch.randn(call.weight, **like).contiguous(memory_format=layout).requires_grad_()
+    bias = torch.randn(call.weight[0], **like, requires_grad=True) if call.bias else None
     grad = torch.randn_like(F.conv2d(x.detach(), weight.detach(), None, call.stride, call.padding, call.dilation,
                                      call.groups)).contiguous(memory_format=layout)
 
@@ -101,18 +105,21 @@ def time_convolutions(calls: list[ConvCall], device: torch.device, layouts: tupl
     """The fastest of ``repeats`` training passes of each call, in the fastest of ``layouts``: (seconds, layout).
 
     One warm-up pass each, then rounds over every (call, layout), so that a burst of other work on the
-    machine spoils one sample of many rather than every sample of one.
+    machine spoils one sample of many rather than every sample of one. On a GPU a sample is ``GPU_PASSES``
+    passes between two synchronisations, as a step queues its kernels: one pass would time the launch.
     """
     passes = {(c, name): _pass(c, device, LAYOUTS[name]) for c in calls for name in layouts}
     best = {key: float("inf") for key in passes}
+    inner = GPU_PASSES if device.type == "cuda" else 1
     for round_ in range(repeats + 1):
         for key, once in passes.items():
             _sync(device)
             start = time.perf_counter()
-            once()
+            for _ in range(inner):
+                once()
             _sync(device)
             if round_:
-                best[key] = min(best[key], time.perf_counter() - start)
+                best[key] = min(best[key], (time.perf_counter() - start) / inner)
     return {c: min((best[(c, name)], name) for name in layouts) for c in calls}
 
 

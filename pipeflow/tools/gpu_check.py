@@ -71,11 +71,17 @@ def summarize(report: dict, parts: int, gpus: int) -> dict:
         "pipeline_peak_memory_bytes_per_part": {r["name"]: [x["peak_memory_bytes"] for x in r["ranks"]] for r in pipes},
         "flop_model": (report.get("splits", {}).get(alt["scheme"]) or {}).get("flop_model") if alt else None,
         # issue 13 on the GPU: each run's utilisation of the convolution rate, and the most its convolutions allow
-        "utilisation_and_ceiling": {name: [r.get("utilisation"), r.get("ceiling")] for name, r in runs.items()
-                                    if "error" not in r},
+        "utilisation_and_ceiling": {name: _utilisation(r) for name, r in runs.items() if "error" not in r},
         "errors": {name: r["error"] for name, r in runs.items() if "error" in r},
         "gpus": gpus,
     }
+
+
+def _utilisation(run: dict) -> list:
+    """[utilisation, ceiling] of a run; of each rank, for a pipeline (its ceiling is per stage)."""
+    if run.get("kind") in ("pipeline", "pipelined"):
+        return [[x.get("utilisation"), x.get("ceiling")] for x in run["ranks"]]
+    return [run.get("utilisation"), run.get("ceiling")]
 
 
 def check(args) -> dict:
