@@ -379,7 +379,14 @@ def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) 
                                          None if out is None else out.carry)) if outbox else None
     memory.reset_peak()
     dist.barrier()  # every rank ready: the clocks start together
-    run_loop(chain, stream, tally, clock.hooks(send=send), "bench")
+
+    def warmed_up(msg) -> None:
+        # a stage still compiling (or warming up) would otherwise hold the stage before it back inside that
+        # one's timed window, its queue full: every stage starts its timed steps once all have warmed up
+        if msg.step == spec["warmup"]:
+            dist.barrier()
+
+    run_loop(chain, stream, tally, clock.hooks(send=send, after_step=[warmed_up]), "bench")
     if outbox is not None:
         outbox.close()
     return {"intervals": clock.intervals, "rank": rank, "stage": rank, "memory": memory.report(),
