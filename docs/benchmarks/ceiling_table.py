@@ -57,7 +57,8 @@ def main(paths: list[str]) -> None:
     print()
     print(f"The floor of e2e's convolutions ({Path(paths[0]).stem}):")
     print()
-    print("| convolution | per step | ms each (fwd+bwd) | faster layout | GFLOP/s | share of conv FLOPs | share of floor |")
+    print("| convolution | per step | ms each (fwd+bwd) | faster layout | GFLOP/s | share of conv FLOPs "
+          "| share of floor |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(convolution_rows(Path(paths[0]))))
 
