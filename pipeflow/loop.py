@@ -84,6 +84,7 @@ class Tally:
     busy_seconds: float = 0.0  # inside the parts' forward, backward and update
     test_bpd: float | None = None  # after the phase's latest evaluation (of the last local part)
     test_bpd_ema: float | None = None  # the same on the averaged weights (Chain.average), if any
+    test_nonfinite: int = 0  # test images whose bits/dim after the last local part was not finite, in that evaluation
     skipped: int = 0  # steps skipped for a non-finite loss or gradient (counted at the phase's end)
 
     @property
@@ -171,7 +172,7 @@ def run_loop(chain: Chain, stream: Iterable[Message], tally: Tally, hooks: Hooks
                 sums = batch if sums is None else sums + batch
                 count += msg.rows if msg.kind == EVAL else 0
         elif msg.kind == EVAL_END:
-            width = len(chain.trainers) * (2 if chain.average is not None else 1)
+            width = 2 * len(chain.trainers) * (2 if chain.average is not None else 1)
             _evaluated(msg, sums.tolist() if sums is not None else [0.0] * width, count, tally, hooks,
                        len(chain.trainers))
             sums, count = None, 0
@@ -224,9 +225,11 @@ def _forward(chain: Chain, msg: Message) -> list[PartOutput]:
 
 
 def _eval_sums(chain: Chain, outs: list[PartOutput], averaged: bool) -> torch.Tensor:
-    """Summed prefix bits/dim after each local part: the raw weights' first, then (with an average) the
-    averaged ones'; this message fills its half, the other stays zero."""
-    sums = torch.stack([o.prefix_bpd.double().sum() for o in outs])
+    """Summed prefix bits/dim after each local part, then how many images gave no finite figure there: the
+    raw weights' first, then (with an average) the averaged ones'; this message fills its half, the other
+    stays zero. One overflowing image makes a mean infinite; the count says it was one."""
+    bpd = [o.prefix_bpd.double() for o in outs]
+    sums = torch.cat([torch.stack([b.sum() for b in bpd]), torch.stack([(~b.isfinite()).sum().double() for b in bpd])])
     if chain.average is None:
         return sums
     return torch.cat([torch.zeros_like(sums), sums] if averaged else [sums, torch.zeros_like(sums)])
@@ -235,8 +238,10 @@ def _eval_sums(chain: Chain, outs: list[PartOutput], averaged: bool) -> torch.Te
 def _evaluated(msg: Message, sums: list[float], count: int, tally: Tally, hooks: Hooks, parts: int) -> None:
     if hooks.pool is not None:
         sums, count = hooks.pool(sums, count)
-    means = [s / max(count, 1) for s in sums]
-    means, averaged = means[:parts], means[parts:]  # the raw weights', then the averaged ones' (if any)
+    raw, averaged = sums[: 2 * parts], sums[2 * parts :]  # the raw weights', then the averaged ones' (if any)
+    means = [s / max(count, 1) for s in raw[:parts]]
+    averaged = [s / max(count, 1) for s in averaged[:parts]]
+    tally.test_nonfinite = int(raw[-1]) if raw else 0
     tally.test_bpd = means[-1] if means else None
     tally.test_bpd_ema = averaged[-1] if averaged else None
     if hooks.on_eval:

@@ -427,7 +427,7 @@ def _stage_hooks(rr: RankRun, part, trainer, grad_hook, outbox, tally: Tally, on
     def evaluated(msg: Message, means: list[float]) -> None:
         record = {"epoch": msg.epoch + 1, "step": msg.step, "prefix_bpd": means[-1],
                   "prefix_bpd_ema": tally.test_bpd_ema, "seconds": state.train_seconds,
-                  "busy_seconds": tally.busy_seconds}
+                  "busy_seconds": tally.busy_seconds, "nonfinite": tally.test_nonfinite}
         state.evals.append(record)
         if on_eval:
             on_eval(record)
@@ -489,6 +489,8 @@ def _take_reports(rr: RankRun, reports: list[dict], gather_bytes: int) -> None:
                   "train_seconds": e["seconds"], "step": e["step"]}
         if e.get("prefix_bpd_ema") is not None:  # train.eval_ema: the averaged glued flow's, as one device records it
             record["test_bpd_ema"] = e["prefix_bpd_ema"]
+        if e.get("nonfinite"):  # as one device records it
+            record["test_nonfinite"] = e["nonfinite"]
         state.history.append(record)
         rr.log.log({**record, "wall": time.time()})
     tally = state.tally(PhaseName.BY_PARTS)

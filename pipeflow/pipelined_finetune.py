@@ -274,28 +274,29 @@ def _run(rr: "RankRun", phase: "Phase", stepper: PipelinedTrainer, evaluate) -> 
 def _evaluate(rr: "RankRun", phase: "Phase", module: nn.Module, group, epoch: int,
               average: WeightAverage | None) -> None:
     """The test bits/dim (and, with ``train.eval_ema``, the averaged weights') into rank 0's history."""
-    bpd = _test_bpd(rr, module, group)
+    bpd, rr.state.tally(phase.name).test_nonfinite = _test_bpd(rr, module, group)
     if average is not None:
         with average.applied():
-            rr.state.tally(phase.name).test_bpd_ema = _test_bpd(rr, module, group)
+            rr.state.tally(phase.name).test_bpd_ema = _test_bpd(rr, module, group)[0]
     # (no samples: no rank holds the whole flow)
     evaluated(rr.state, rr.log, phase.name, epoch, rr.state.step, [bpd], cfg=rr.cfg)
 
 
-def _test_bpd(rr: "RankRun", module: nn.Module, group) -> float | None:
-    """Forward only through replica 0's stages; the last one's mean bits/dim, on every rank."""
+def _test_bpd(rr: "RankRun", module: nn.Module, group) -> tuple[float | None, int]:
+    """Forward only through replica 0's stages; on every rank, the last one's mean bits/dim and how many
+    test images gave no finite figure."""
     topo = rr.topo
-    bpd = None
+    result = (None, 0)
     if topo.replica == 0:
         part = rr.run.parts[topo.stage]
         shapes = [] if topo.is_first else [part.in_shape, ()]
         tests = rr.run.test_batches().epoch(0) if topo.is_first else None
-        total, count = 0.0, 0
+        total, count, bad = 0.0, 0, 0
         for logp in forward_only(module, topo.stage, topo.stages, tests, shapes, rr.device, group):
-            total += float(bits_per_dim(logp, rr.run.num_dims, rr.run.n_bins).double().sum())
-            count += len(logp)
-        bpd = total / count if count else None
-    return broadcast_object(bpd, src=topo.stages - 1)
+            bpd = bits_per_dim(logp, rr.run.num_dims, rr.run.n_bins).double()
+            total, count, bad = total + float(bpd.sum()), count + len(logp), bad + int((~bpd.isfinite()).sum())
+        result = (total / count if count else None, bad)
+    return broadcast_object(result, src=topo.stages - 1)
 
 
 def gather_on_rank0(rr: "RankRun") -> int:

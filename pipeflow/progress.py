@@ -73,8 +73,10 @@ class TrainingDisplay:
     def on_epoch(self, record: dict) -> None:
         self.last_eval = f" | test {record['test_bpd']:.3f} bpd"
         if self.enabled:
+            bad = record.get("test_nonfinite")
             log_line(self.console, f"{record['phase']} epoch {record['epoch']}: test {record['test_bpd']:.4f} "
-                                   f"bits/dim ({record['train_seconds']:.1f} s of training)")
+                                   f"bits/dim ({record['train_seconds']:.1f} s of training)"
+                                   + (f"; {bad} test images gave no finite bits/dim" if bad else ""))
 
     def closing_table(self, summary: dict, out: Path) -> None:
         table = Table(title=f"pipeflow run in {out}")

@@ -169,6 +169,8 @@ def evaluated(state: RunState, log: RunLog | None, phase: str, epoch: int, step:
               "train_seconds": state.train_seconds, "step": step}
     if cfg is not None and cfg.train.eval_ema:  # the averaged weights' too (see pipeflow.averaging)
         record["test_bpd_ema"] = state.tally(phase).test_bpd_ema
+    if state.tally(phase).test_nonfinite:  # why test_bpd is not finite: how many images overflowed
+        record["test_nonfinite"] = state.tally(phase).test_nonfinite
     state.history.append(record)
     state.tally(phase).test_bpd = means[-1]
     if log is not None:

@@ -4,7 +4,8 @@
 PIPEFLOW_TEST_FAULT, a comma-separated list of
 ``ACTION:RANK:WHEN[@ATTEMPT]`` with ACTION ``exit`` (the rank ends at once after that
 step, its checkpoint saved), ``stop`` (it SIGSTOPs itself: a silent peer), ``nan`` (its
-by-parts input is NaN for steps STEP..LAST) or ``skew`` (this rank alone starts otherwise, as
+by-parts input is NaN for steps STEP..LAST), ``inf`` (WHEN ``eval``: the first image of each of
+its evaluation batches is infinite) or ``skew`` (this rank alone starts otherwise, as
 a GPU's non-deterministic kernels could make it: WHEN ``build`` nudges its freshly built
 weights, ``init`` scales the batch its ActNorms initialise from), on attempt ATTEMPT (default
 0, the first). WHEN is a step, ``STEP-LAST`` (``nan``), or for ``stop`` a moment between steps:
@@ -25,11 +26,11 @@ import torch
 
 from pipeflow import launch, multirank
 from pipeflow.multirank import RankHooks
-from pipeflow.distributed.transport import EVAL, INIT, TRAIN, Message
+from pipeflow.distributed.transport import EVAL, EVAL_EMA, INIT, TRAIN, Message
 from pipeflow.errors import UserError
 
 FAULT_EXIT = 43  # the status of a process that an injected fault ended
-ACTIONS = ("exit", "stop", "nan", "skew")
+ACTIONS = ("exit", "stop", "nan", "inf", "skew")
 MOMENTS = ("eval", "gather", "finetune")  # when a ``stop`` may strike besides after a step
 
 
@@ -49,7 +50,8 @@ def parse_faults(text: str, attempt: int) -> tuple[Fault, ...]:
         try:
             spec, _, on = item.partition("@")
             action, rank, steps = spec.split(":")
-            if (action == "stop" and steps in MOMENTS) or (action == "skew" and steps in ("build", "init")):
+            if ((action == "stop" and steps in MOMENTS) or (action == "skew" and steps in ("build", "init"))
+                    or (action == "inf" and steps == "eval")):
                 fault = Fault(action, int(rank), -1, -1, steps)
             else:
                 first, _, last = steps.partition("-")
@@ -93,7 +95,9 @@ def fault_hooks(rank: int, attempt: int) -> RankHooks:
             if msg.kind == INIT and any(f.action == "skew" and f.moment == "init" for f in mine):
                 sys.stderr.write(f"[rank {rank}] injected fault: skew init\n")
                 msg.h = msg.h * 1.5
-            if msg.kind == EVAL and any(f.moment == "eval" for f in mine):
+            if msg.kind in (EVAL, EVAL_EMA) and any(f.action == "inf" for f in mine):
+                msg.h = torch.cat([msg.h[:1] * float("inf"), msg.h[1:]])
+            if msg.kind == EVAL and any(f.action == "stop" and f.moment == "eval" for f in mine):
                 _strike(rank, "stop", "at the evaluation")
             yield msg
 
@@ -101,7 +105,7 @@ def fault_hooks(rank: int, attempt: int) -> RankHooks:
         if any(f.moment == name for f in mine):
             _strike(rank, "stop", f"as {name} begins")
 
-    needs_filter = any(f.action == "nan" or f.moment in ("eval", "init") for f in mine)
+    needs_filter = any(f.action in ("nan", "inf") or f.moment in ("eval", "init") for f in mine)
     return RankHooks((after_step,), filtered if needs_filter else None, (on_moment,))
 
 

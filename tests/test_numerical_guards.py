@@ -6,6 +6,7 @@ that PIPEFLOW_TEST_FAULT names)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -146,7 +147,48 @@ def test_a_skipped_step_is_counted_in_the_summary(tmp_path, checkpointed_cfg, mo
     assert math.isfinite(result["test_bpd"])
 
 
+def test_an_overflowing_test_image_is_counted_beside_the_mean_it_spoils(tmp_path, checkpointed_cfg, monkeypatch):
+    """One test image whose log-likelihood is not finite makes the test bits/dim not finite (a mean over every
+    image, as it should be), the averaged weights' too; each evaluation record says how many images did it."""
+    import pipeflow.build as build
+
+    real = build.test_batches
+
+    def test_batches(*args, **kwargs):
+        batches = real(*args, **kwargs)
+        epoch = batches.epoch
+
+        def spoiled(e, start=0):
+            for b, x in enumerate(epoch(e, start)):
+                yield torch.cat([x[:1] * float("inf"), x[1:]]) if b == 0 else x
+        batches.epoch = spoiled
+        return batches
+
+    monkeypatch.setattr(build, "test_batches", test_batches)
+    cfg = with_overrides(checkpointed_cfg, ["train.eval_ema=0.9"])
+    train(cfg, tmp_path / "run")
+    assert_evaluations_count_one_image(tmp_path / "run", {"by_parts", "finetune"})
+
+
+def assert_evaluations_count_one_image(run, phases: set[str]) -> None:
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    evals = [r for r in evals if r["phase"] in phases]
+    assert {r["phase"] for r in evals} == phases
+    for record in evals:  # strict JSON: null for a mean that is not finite
+        assert record["test_nonfinite"] == 1 and record["test_bpd"] is None, record
+        assert record.get("test_bpd_ema", None) is None
+
+
 # --- across ranks ----------------------------------------------------------------------------------------
+
+
+def test_an_overflowing_test_image_is_counted_across_ranks_too(tmp_path):
+    """By parts on 2 stages, stage 0's first test image infinite: the last stage's figure for it is not finite,
+    and rank 0's record of every by-parts evaluation names the one image. (The fault reaches the by-parts
+    stream only; fine-tuning's evaluation counts as one device's does, through the same loop.)"""
+    config = write_config(tmp_path, CHECKPOINTED_MULTIRANK)
+    ok(torchrun(2, config, tmp_path / "run", env={"PIPEFLOW_TEST_FAULT": "inf:0:eval"}))
+    assert_evaluations_count_one_image(tmp_path / "run", {"by_parts"})
 
 
 def test_non_finite_steps_across_ranks_are_skipped_counted_then_stop_the_run(tmp_path):
