@@ -88,8 +88,8 @@ def test_bench_runs_everything_and_writes_json(full_bench):
 
     pipe = runs["pipeline across x2"]
     assert [x["stage"] for x in pipe["ranks"]] == [0, 1]
-    # the stages' timed steps start once every stage has warmed up: stage 0's first after stage 1's last warm-up
-    assert pipe["ranks"][0]["updates"][2][0] > pipe["ranks"][1]["updates"][1][1]
+    # every stage waits for all after its first step (where it compiles): stage 0's second after stage 1's first
+    assert pipe["ranks"][0]["updates"][1][0] > pipe["ranks"][1]["updates"][0][1]
     for x in pipe["ranks"]:
         assert 0 < x["busy_fraction"] <= 1.0 + 1e-6 and x["idle_seconds_per_step"] >= -1e-6
     # forward: one latent of part 0's output shape (4x4x4) plus the carry per image, and a header; nothing backwards
@@ -256,17 +256,14 @@ def test_stage_metrics_from_intervals():
                 "backward_bytes": 0, "wire_seconds": 0.0, "params": 1, "skipped": 0,
                 "memory": {"peak_bytes": 1, "peak_abs_bytes": 2, "source": "test"}}
 
-    # one warm-up step each; the timed window opens for both when the last one ends (stage 1's, at 0.8 s),
-    # where the workers wait for each other; then a step every second, stage 0 busy 0.25 s of it, stage 1 0.5 s
-    r0 = rank(0, [(0.0, 0.25)] + [(i + 0.8, i + 1.05) for i in range(3)])
-    r1 = rank(1, [(0.3, 0.8)] + [(i + 1.1, i + 1.6) for i in range(3)])
+    # steps every second; stage 0 busy 0.25 s of each, stage 1 busy 0.5 s
+    r0 = rank(0, [(i, i + 0.25) for i in range(4)])
+    r1 = rank(1, [(i + 0.3, i + 0.8) for i in range(4)])
     m = _stage_metrics([r0, r1], warmup=1, steps=3)
     assert m["step_seconds"] == pytest.approx(1.0)
     assert m["ranks"][1]["updates"][0] == pytest.approx((0.3, 0.8))
-    assert m["warmup_seconds"] == pytest.approx(0.8)
-    # windows of 3.05 - 0.8 and 3.6 - 0.8 s: stage 0's waiting for stage 1's warm-up is not in it
-    assert [x["busy_fraction"] for x in m["ranks"]] == pytest.approx([0.75 / 2.25, 1.5 / 2.8])
-    assert [x["idle_seconds_per_step"] for x in m["ranks"]] == pytest.approx([0.5, 1.3 / 3])
+    assert [x["busy_fraction"] for x in m["ranks"]] == pytest.approx([0.25, 0.5])
+    assert [x["idle_seconds_per_step"] for x in m["ranks"]] == pytest.approx([0.75, 0.5])
     assert m["ranks"][0]["forward_bytes_per_step"] == 100
 
 

@@ -235,19 +235,15 @@ def _ddp_metrics(results: list[dict], warmup: int) -> dict:
 def _stage_metrics(results: list[dict], warmup: int, steps: int) -> dict:
     """A pipeline goes as fast as its slowest stage. Each rank's step time is the median interval
     between the ends of its consecutive timed updates; the pipeline's is the largest of them (the last
-    stage alone can look faster than the pipeline while it drains messages queued ahead of it).
-
-    The timed window opens for every rank when the last one has finished warming up (the workers wait
-    for each other there), so that no rank counts another's warm-up, or compilation, as its idle time."""
+    stage alone can look faster than the pipeline while it drains messages queued ahead of it)."""
     t0 = min(r["intervals"][0][0] for r in results)
-    opened = max(r["intervals"][warmup - 1][1] for r in results)
     ranks, medians = [], []
     for r in results:
         iv = r["intervals"]
-        ends = [opened] + [e for _, e in iv[warmup : warmup + steps]]
-        gaps = [b - a for a, b in zip(ends, ends[1:])]
+        ends = [e for _, e in iv]
+        gaps = [b - a for a, b in zip(ends[warmup - 1 : warmup + steps - 1], ends[warmup : warmup + steps])]
         medians.append(_median(gaps))
-        window = ends[-1] - opened
+        window = iv[warmup + steps - 1][1] - iv[warmup - 1][1]
         busy = sum(e - s for s, e in iv[warmup : warmup + steps])
         messages = r["forward_messages"]
         fwd = (r["forward_bytes"] - 32) / (messages - 1) if messages > 1 else 0  # less the STOP header; INIT counts
@@ -263,7 +259,8 @@ def _stage_metrics(results: list[dict], warmup: int, steps: int) -> dict:
     slowest = max(range(len(ranks)), key=lambda k: medians[k])
     gaps = ranks[slowest]["step_times"]
     return {"step_seconds": medians[slowest], "step_seconds_mean": statistics.fmean(gaps), "step_times": gaps,
-            "warmup_seconds": opened - t0, "slowest_rank": slowest, "ranks": ranks,
+            "warmup_seconds": max(r["intervals"][warmup - 1][1] for r in results) - t0,
+            "slowest_rank": slowest, "ranks": ranks,
             "forward_bytes_per_step": sum(x["forward_bytes_per_step"] for x in ranks),  # over every link
             "forward_bytes_per_rank_per_step": max(x["forward_bytes_per_step"] for x in ranks),
             "backward_bytes_per_step": sum(r["backward_bytes"] for r in results) / max(steps, 1),

@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -365,6 +366,8 @@ def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) 
     t = cfg.train
     trainer = PartTrainer(part, part_lr(cfg, rank, world), t, c * h * w, spec["n_bins"], name=f"part {rank}")
     counters, timeout = Counters(), cfg.distributed.timeout_s
+    # a group of its own for the bench's one mid-run wait: on the CPU, never on a link's communicator
+    aligned = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
     links = link_groups(Topology(rank, world, world), timeout)  # the same process groups as pipeflow.launch
     stream = _stream(batches, device) if rank == 0 else inbox_stream(Inbox(rank, rank - 1, part.in_shape, device,
                                                                            timeout, group=links.prev))
@@ -380,13 +383,14 @@ def run_stage_mode(spec: dict, rank: int, device: torch.device, memory: Memory) 
     memory.reset_peak()
     dist.barrier()  # every rank ready: the clocks start together
 
-    def warmed_up(msg) -> None:
-        # a stage still compiling (or warming up) would otherwise hold the stage before it back inside that
-        # one's timed window, its queue full: every stage starts its timed steps once all have warmed up
-        if msg.step == spec["warmup"]:
-            dist.barrier()
+    def compiled(msg) -> None:
+        # a stage compiles in its first step (its ActNorms start eagerly on INIT); one still compiling would
+        # hold the stage before it back, its queue full, into that one's timed steps. So every stage waits here
+        # for all, and the rest of the warm-up fills the queues again before the clocks count.
+        if msg.step == 1:
+            dist.barrier(group=aligned)
 
-    run_loop(chain, stream, tally, clock.hooks(send=send, after_step=[warmed_up]), "bench")
+    run_loop(chain, stream, tally, clock.hooks(send=send, after_step=[compiled]), "bench")
     if outbox is not None:
         outbox.close()
     return {"intervals": clock.intervals, "rank": rank, "stage": rank, "memory": memory.report(),
