@@ -72,8 +72,8 @@ class AffineCoupling(nn.Module):
         x_a, x_b = x[:, : self.split], x[:, self.split :]
         shift, gate = self._shift_and_gate(x_a)
         y_b = (x_b + shift) * torch.sigmoid(gate)
-        # log(sigmoid(gate)) would be -inf, and its gradient infinite, once sigmoid underflows (gate < about
-        # -88 in float32); logsigmoid stays finite there, about gate, with a gradient near 1
+        # log(sigmoid(gate)) would be -inf, and its gradient not finite, once sigmoid underflows (gate below
+        # about -88 in float32); logsigmoid stays finite there, about gate, with a gradient near 1
         return torch.cat([x_a, y_b], dim=1), F.logsigmoid(gate).flatten(1).sum(1)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
