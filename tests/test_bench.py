@@ -111,10 +111,27 @@ def test_bench_runs_everything_and_writes_json(full_bench):
         assert first["backward_bytes_per_step"] == last["forward_bytes_per_step"] == 0
         assert runs[name]["warmup_seconds"] > 0 and all(x["utilisation"] > 0 for x in (first, last))
 
-    # the floor of each process's convolutions: recorded from a forward pass of what it trains. e2e's are the FLOP
-    # model's (less its few FLOPs per element); the ranks of DDP share them out by rows, GPipe's and 1F1B's by
-    # parts and microbatches; a by-parts stage adds its boundary prior's (the last part's, the top prior, has
-    # no convolution, so that it is there cannot be seen here)
+    alt = report["predictions"]["alternate"]
+    assert alt["step_ratio"]["flop_model"] == pytest.approx(split["flop_model"]["alternate_step"])
+    step, plan = alt["step_ratio"]["flop_model"], alt["plan_ratio"]["flop_model"]
+    assert min(step, 1) < plan < max(step, 1)  # fine-tuning costs e2e's (a head larger than a part: step > 1)
+    assert report["predictions"]["distributed"]["scheme"] == "across"
+    assert {t["target"].split(" ")[0] for t in report["targets"]} >= {"2", "balanced", "peak", "alternate"}
+    assert "pipeflow bench" in result.stdout and "speed-up" in result.stdout
+
+    from pipeflow.tools.bench import to_markdown
+
+    md = to_markdown(report)
+    assert "| e2e | 1x1 |" in md and "| pipeline across x2 | 2x1 |" in md and "| target |" in md
+
+
+def test_bench_records_the_convolutions_of_what_each_process_trains(full_bench):
+    """The floor of each process's convolutions: recorded from a forward pass of what it trains. e2e's are the
+    FLOP model's (less its few FLOPs per element); the ranks of DDP share them out by rows, GPipe's and 1F1B's
+    by parts and microbatches; a by-parts stage adds its boundary prior's (the last part's, the top prior, has
+    no convolution, so that it is there cannot be seen here)."""
+    _, report = full_bench
+    runs = {r["name"]: r for r in report["runs"]}
     conv_flops = {name: [_recorded_flops(x) for x in r["ranks"]]
                   for name, r in runs.items() if name != "alternate across"}
     assert runs["alternate across"]["ranks"][0]["conv_floor_seconds"] is None  # no one step: no floor
@@ -134,19 +151,6 @@ def test_bench_runs_everything_and_writes_json(full_bench):
     for name, r in runs.items():
         holders = r["ranks"] if r["kind"] in ("pipeline", "pipelined") else [r]
         assert all(x["ceiling"] > 0 for x in holders) if name != "alternate across" else r["ceiling"] is None
-
-    alt = report["predictions"]["alternate"]
-    assert alt["step_ratio"]["flop_model"] == pytest.approx(split["flop_model"]["alternate_step"])
-    step, plan = alt["step_ratio"]["flop_model"], alt["plan_ratio"]["flop_model"]
-    assert min(step, 1) < plan < max(step, 1)  # fine-tuning costs e2e's (a head larger than a part: step > 1)
-    assert report["predictions"]["distributed"]["scheme"] == "across"
-    assert {t["target"].split(" ")[0] for t in report["targets"]} >= {"2", "balanced", "peak", "alternate"}
-    assert "pipeflow bench" in result.stdout and "speed-up" in result.stdout
-
-    from pipeflow.tools.bench import to_markdown
-
-    md = to_markdown(report)
-    assert "| e2e | 1x1 |" in md and "| pipeline across x2 | 2x1 |" in md and "| target |" in md
 
 
 def test_peak_memory_grows_with_the_batch(config, full_bench):
