@@ -58,8 +58,8 @@ def part_costs(step_costs: Sequence[float], cuts: Sequence[int]) -> list[float]:
     return [float(sum(step_costs[a:b])) for a, b in zip(bounds, bounds[1:])]
 
 
-def _best_seconds(fns: Sequence[Callable[[], None]], repeats: int, warmup: int,
-                  sync: Callable[[], None]) -> list[float]:
+def fastest_seconds(fns: Sequence[Callable[[], None]], repeats: int, warmup: int,
+                    sync: Callable[[], None]) -> list[float]:
     """The fastest of ``repeats`` timed calls of each function.
 
     The calls are made in rounds (every function once per round), so that a burst of other
@@ -122,4 +122,4 @@ def measure_step_costs(model, x: torch.Tensor, repeats: int = 5, warmup: int = 1
 
         train_fns.append(train_once)
         forward_fns.append(forward_once)
-    return _best_seconds(train_fns, repeats, warmup, sync), _best_seconds(forward_fns, repeats, warmup, sync)
+    return fastest_seconds(train_fns, repeats, warmup, sync), fastest_seconds(forward_fns, repeats, warmup, sync)

@@ -17,7 +17,6 @@ over that time, over the reference rate, is the most utilisation the step could 
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -104,22 +103,24 @@ def time_convolutions(calls: list[ConvCall], device: torch.device, layouts: tupl
                       repeats: int = 5) -> dict[ConvCall, tuple[float, str]]:
     """The fastest of ``repeats`` training passes of each call, in the fastest of ``layouts``: (seconds, layout).
 
-    One warm-up pass each, then rounds over every (call, layout), so that a burst of other work on the
-    machine spoils one sample of many rather than every sample of one. On a GPU a sample is ``GPU_PASSES``
-    passes between two synchronisations, as a step queues its kernels: one pass would time the launch.
+    Timed as the flow steps' costs are (:func:`pipeflow.tools.balance.fastest_seconds`: a warm-up pass, then
+    rounds over every (call, layout)). On a GPU a sample is ``GPU_PASSES`` passes between two
+    synchronisations, as a step queues its kernels: one pass would time the launch.
     """
-    passes = {(c, name): _pass(c, device, LAYOUTS[name]) for c in calls for name in layouts}
-    best = {key: float("inf") for key in passes}
+    from pipeflow.tools.balance import fastest_seconds  # noqa: PLC0415
+
     inner = GPU_PASSES if device.type == "cuda" else 1
-    for round_ in range(repeats + 1):
-        for key, once in passes.items():
-            _sync(device)
-            start = time.perf_counter()
+    keys = [(c, name) for c in calls for name in layouts]
+
+    def samples(once: Callable[[], None]) -> Callable[[], None]:
+        def sample() -> None:
             for _ in range(inner):
                 once()
-            _sync(device)
-            if round_:
-                best[key] = min(best[key], (time.perf_counter() - start) / inner)
+        return sample
+
+    seconds = fastest_seconds([samples(_pass(c, device, LAYOUTS[name])) for c, name in keys], repeats, 1,
+                              lambda: _sync(device))
+    best = {key: s / inner for key, s in zip(keys, seconds)}
     return {c: min((best[(c, name)], name) for name in layouts) for c in calls}
 
 
