@@ -59,7 +59,7 @@ from pipeflow.objective import hand_on, part_objective
 from pipeflow.part_trainer import PartTrainer, make_optimizer
 from pipeflow.build import build_model, build_parts, part_lr
 from pipeflow.parts import Part
-from pipeflow.tools.conv_floor import ConvCall, convolution_floor, time_convolutions
+from pipeflow.tools.conv_floor import ConvCall, convolution_floor, synchronize, time_convolutions
 
 
 # ---------------------------------------------------------------- memory
@@ -101,8 +101,7 @@ def _load_lazy_modules(device: torch.device) -> None:
         (weight @ y[0].flatten(1)).sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -243,11 +242,6 @@ def build_parts_from_cuts(cfg: Config, cuts: list[int]) -> tuple[torch.nn.Module
     return model, build_parts(cfg, model, len(cuts) + 1, "cuts", cuts)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------- modes
 
 class StepClock:
@@ -265,12 +259,12 @@ class StepClock:
 
     def before(self, msg) -> None:
         self.active.append(self.chain.active(msg))
-        _sync(self.device)
+        synchronize(self.device)
         self._start = time.perf_counter()
 
     def trained(self, record: dict) -> None:
         if len(self.intervals) < len(self.active):  # the first trained part's record closes the step
-            _sync(self.device)
+            synchronize(self.device)
             self.intervals.append((self._start, time.perf_counter()))
             self.memory.step_done(len(self.intervals))
 
@@ -427,10 +421,10 @@ def run_pipelined_mode(spec: dict, rank: int, device: torch.device, memory: Memo
     memory.reset_peak()
     dist.barrier()  # every rank ready: the clocks start together
     for x in batches[1:]:
-        _sync(device)
+        synchronize(device)
         start, busy0, bytes0 = time.perf_counter(), pipe.compute_seconds, pipe.bytes_sent
         pipelined_step(trainer, pipe, x.to(device) if rank == 0 else None, len(x), None, 1, device)
-        _sync(device)
+        synchronize(device)
         intervals.append((start, time.perf_counter()))
         compute.append(pipe.compute_seconds - busy0)
         sent.append([b - a for a, b in zip(bytes0, pipe.bytes_sent)])

@@ -77,7 +77,8 @@ def record_convolutions(forward: Callable[[], object]) -> Counter[ConvCall]:
     return recorder.calls
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on a CPU): what every timing here starts and ends with."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -119,7 +120,7 @@ def time_convolutions(calls: list[ConvCall], device: torch.device, layouts: tupl
         return sample
 
     seconds = fastest_seconds([samples(_pass(c, device, LAYOUTS[name])) for c, name in keys], repeats, 1,
-                              lambda: _sync(device))
+                              lambda: synchronize(device))
     best = {key: s / inner for key, s in zip(keys, seconds)}
     return {c: min((best[(c, name)], name) for name in layouts) for c in calls}
 
