@@ -293,9 +293,7 @@ def _recorded_flops(rank: dict) -> float:
     """Training FLOPs of the convolutions a bench process recorded of its step."""
     from pipeflow.tools.conv_floor import ConvCall
 
-    return sum(row["count"] * ConvCall(tuple(row["input"]), tuple(row["weight"]), row["bias"], tuple(row["stride"]),
-                                       tuple(row["padding"]), tuple(row["dilation"]), row["groups"]).train_flops
-               for row in rank["convolutions"])
+    return sum(row["count"] * ConvCall.from_row(row).train_flops for row in rank["convolutions"])
 
 
 def worker_result(step_seconds, active=None, peak=MIB, rank=0):

@@ -56,9 +56,9 @@ def test_the_floor_is_each_calls_fastest_pass_times_its_count():
     floor = convolution_floor(lambda: (net(x), net(x)), torch.device("cpu"), repeats=2)
     rows = floor["convolutions"]
     assert [row["count"] for row in rows] == [2, 2, 2]
+    assert {ConvCall.from_row(row) for row in rows} == set(record_convolutions(lambda: net(x)))  # rows read back
     assert floor["seconds"] == pytest.approx(sum(row["count"] * row["seconds"] for row in rows))
     for row in rows:
         assert row["layout"] in LAYOUTS and row["seconds"] > 0
-        assert row["flops_per_s"] == pytest.approx(ConvCall(**{k: row[k] for k in (
-            "input", "weight", "bias", "stride", "padding", "dilation", "groups")}).train_flops / row["seconds"])
+        assert row["flops_per_s"] == pytest.approx(ConvCall.from_row(row).train_flops / row["seconds"])
     assert [r["count"] * r["seconds"] for r in rows] == sorted((r["count"] * r["seconds"] for r in rows), reverse=True)

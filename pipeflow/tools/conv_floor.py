@@ -42,6 +42,14 @@ class ConvCall:
     groups: int
     dtype: str = "float32"
 
+    @classmethod
+    def from_row(cls, row: dict) -> "ConvCall":
+        """The call a row of :func:`convolution_floor`'s table describes (read back from JSON too)."""
+        def shape(key: str) -> tuple[int, ...]:
+            return tuple(row[key])
+        return cls(shape("input"), shape("weight"), row["bias"], shape("stride"), shape("padding"),
+                   shape("dilation"), row["groups"], row.get("dtype", "float32"))
+
     @property
     def train_flops(self) -> float:
         """Forward FLOPs (2 per multiply-add) and a backward twice as costly: 3x the forward."""
