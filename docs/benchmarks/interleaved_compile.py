@@ -26,7 +26,7 @@ from pipeflow.config import load_config
 from pipeflow.data import dataset_shape, load_dataset, n_bins
 from pipeflow.part_trainer import PartTrainer
 from pipeflow.parts import whole_model_part
-from pipeflow.tools.bench_worker import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, _mallopt, bench_batches
+from pipeflow.tools.bench_worker import allocate_for_speed, bench_batches
 
 VARIANTS = {"eager": (False, False), "eager channels_last": (False, True), "compiled": (True, False),
             "compiled channels_last": (True, True)}
@@ -52,8 +52,7 @@ def main() -> None:
     p.add_argument("--malloc", choices=("bench", "glibc"), default="bench")
     args = p.parse_args()
     if args.malloc == "bench":
-        _mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-        _mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
+        allocate_for_speed()
     torch.set_num_threads(1)
     cfg = load_config(args.config)
     data = load_dataset(cfg.data)

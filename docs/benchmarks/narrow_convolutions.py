@@ -15,7 +15,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from pipeflow.tools.bench_worker import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, _mallopt
+from pipeflow.tools.bench_worker import allocate_for_speed
 
 SHAPES = [(2, 128, 14), (128, 4, 14), (4, 128, 7), (128, 8, 7)]  # (in, out, side) at batch 64: MNIST's two levels
 
@@ -44,8 +44,7 @@ def median_ms(fn, passes: int = 9) -> float:
 
 def main() -> None:
     torch.set_num_threads(1)
-    _mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-    _mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
+    allocate_for_speed()
     print("| convolution | NCHW ms | NHWC ms | im2col ms | taps ms | best GFLOP/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for c, o, side in SHAPES:

@@ -116,6 +116,13 @@ def _mallopt(param: int, value: int) -> bool:
         return False
 
 
+def allocate_for_speed() -> None:
+    """glibc's allocator as timed steps want it: large blocks from the heap, kept there between steps, so
+    that no step pays for mapping and zeroing fresh pages (no-op where there is no glibc)."""
+    _mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+    _mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
+
+
 class Memory:
     """Peak memory of this process above a baseline, over the first ``WINDOW_STEPS`` steps.
 
@@ -212,8 +219,7 @@ class Memory:
                        "peak_rss_bytes": max(rss_peak - self.baseline_rss, 0), "peak_rss_abs_bytes": rss_peak,
                        "window_steps": self.WINDOW_STEPS}
         if self.exact_mmap:  # back to speed: large blocks from the heap again
-            _mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-            _mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
+            allocate_for_speed()
 
     def report(self) -> dict:
         if self.result is None:
