@@ -4,8 +4,8 @@
 PIPEFLOW_TEST_FAULT, a comma-separated list of
 ``ACTION:RANK:WHEN[@ATTEMPT]`` with ACTION ``exit`` (the rank ends at once after that
 step, its checkpoint saved), ``stop`` (it SIGSTOPs itself: a silent peer), ``nan`` (its
-by-parts input is NaN for steps STEP..LAST), ``inf`` (WHEN ``eval``: the first image of each of
-its evaluation batches is infinite) or ``skew`` (this rank alone starts otherwise, as
+by-parts input is NaN for steps STEP..LAST), ``inf`` (WHEN ``eval``: the first image of each
+test batch this rank reads is infinite, in every phase and mode) or ``skew`` (this rank alone starts otherwise, as
 a GPU's non-deterministic kernels could make it: WHEN ``build`` nudges its freshly built
 weights, ``init`` scales the batch its ActNorms initialise from), on attempt ATTEMPT (default
 0, the first). WHEN is a step, ``STEP-LAST`` (``nan``), or for ``stop`` a moment between steps:
@@ -24,9 +24,9 @@ from typing import Iterable, Iterator
 
 import torch
 
-from pipeflow import launch, multirank
+from pipeflow import build, launch, multirank
 from pipeflow.multirank import RankHooks
-from pipeflow.distributed.transport import EVAL, EVAL_EMA, INIT, TRAIN, Message
+from pipeflow.distributed.transport import EVAL, INIT, TRAIN, Message
 from pipeflow.errors import UserError
 
 FAULT_EXIT = 43  # the status of a process that an injected fault ended
@@ -82,6 +82,8 @@ def fault_hooks(rank: int, attempt: int) -> RankHooks:
         return RankHooks()
     if any(f.action == "skew" and f.moment == "build" for f in mine):
         _skew_build(rank)
+    if any(f.action == "inf" for f in mine):
+        _spoil_tests(rank)
 
     def after_step(msg: Message) -> None:
         for f in mine:
@@ -95,8 +97,6 @@ def fault_hooks(rank: int, attempt: int) -> RankHooks:
             if msg.kind == INIT and any(f.action == "skew" and f.moment == "init" for f in mine):
                 sys.stderr.write(f"[rank {rank}] injected fault: skew init\n")
                 msg.h = msg.h * 1.5
-            if msg.kind in (EVAL, EVAL_EMA) and any(f.action == "inf" for f in mine):
-                msg.h = torch.cat([msg.h[:1] * float("inf"), msg.h[1:]])
             if msg.kind == EVAL and any(f.action == "stop" and f.moment == "eval" for f in mine):
                 _strike(rank, "stop", "at the evaluation")
             yield msg
@@ -105,7 +105,7 @@ def fault_hooks(rank: int, attempt: int) -> RankHooks:
         if any(f.moment == name for f in mine):
             _strike(rank, "stop", f"as {name} begins")
 
-    needs_filter = any(f.action in ("nan", "inf") or f.moment in ("eval", "init") for f in mine)
+    needs_filter = any(f.action == "nan" or f.moment in ("eval", "init") for f in mine)
     return RankHooks((after_step,), filtered if needs_filter else None, (on_moment,))
 
 
@@ -122,6 +122,25 @@ def _skew_build(rank: int) -> None:
         return model
 
     multirank.build_model = nudged
+
+
+def _spoil_tests(rank: int) -> None:
+    """The test batches this process reads start with an infinite image (build's own name is replaced, so
+    every evaluation reads them: by parts, DDP's and the pipelined fine-tuning's, the final one)."""
+    read = build.test_batches
+
+    def spoiled(*args, **kwargs):
+        batches = read(*args, **kwargs)
+        epoch = batches.epoch
+
+        def first_infinite(e, start=0):
+            for x in epoch(e, start):
+                yield torch.cat([x[:1] * float("inf"), x[1:]])
+        batches.epoch = first_infinite
+        sys.stderr.write(f"[rank {rank}] injected fault: inf eval\n")
+        return batches
+
+    build.test_batches = spoiled
 
 
 if __name__ == "__main__":

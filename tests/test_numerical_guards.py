@@ -182,13 +182,13 @@ def assert_evaluations_count_one_image(run, phases: set[str]) -> None:
 # --- across ranks ----------------------------------------------------------------------------------------
 
 
-def test_an_overflowing_test_image_is_counted_across_ranks_too(tmp_path):
-    """By parts on 2 stages, stage 0's first test image infinite: the last stage's figure for it is not finite,
-    and rank 0's record of every by-parts evaluation names the one image. (The fault reaches the by-parts
-    stream only; fine-tuning's evaluation counts as one device's does, through the same loop.)"""
-    config = write_config(tmp_path, CHECKPOINTED_MULTIRANK)
+@pytest.mark.parametrize("finetune", ["ddp", "pipeline"])
+def test_an_overflowing_test_image_is_counted_across_ranks_too(tmp_path, finetune):
+    """By parts on 2 stages, then DDP's or the pipelined fine-tuning (each with its own evaluation), rank 0's
+    first test image infinite: rank 0's record of every evaluation, in both phases, names the one image."""
+    config = write_config(tmp_path, CHECKPOINTED_MULTIRANK, {"distributed.finetune": finetune})
     ok(torchrun(2, config, tmp_path / "run", env={"PIPEFLOW_TEST_FAULT": "inf:0:eval"}))
-    assert_evaluations_count_one_image(tmp_path / "run", {"by_parts"})
+    assert_evaluations_count_one_image(tmp_path / "run", {"by_parts", "finetune"})
 
 
 def test_non_finite_steps_across_ranks_are_skipped_counted_then_stop_the_run(tmp_path):
