@@ -7,8 +7,10 @@ units of e2e's step. For each run, by parts alone for 12 epochs against e2e of t
 at the end and at equal time, and the by-parts phase's speed to a bits/dim: e2e's time to reach it over
 the run's (linear between evaluations; 1.00 = as fast as e2e, "never": not within the 12 epochs).
 The row `e2e_lr4e-3` is e2e at lr 4e-3, near the rates the range test finds for the parts
-(`pipeline_findlr`): what tuning e2e's own rate gives. On the averaged weights (`train.eval_ema`), or
-with ``raw`` on the raw ones:
+(`pipeline_findlr`): what tuning e2e's own rate gives. A second table sets by parts against e2e at the
+same rate, at rates above the config's, and by parts at its best rate against e2e at its best (session
+10's runs, `PAIRS`). On the averaged weights
+(`train.eval_ema`), or with ``raw`` on the raw ones:
 
     python docs/results/mnist_byparts_one_device/table.py [raw]
 """
@@ -21,6 +23,9 @@ LEVELS = (3.0, 2.6, 2.4, 2.3)
 KEY = "test_bpd" if sys.argv[1:] == ["raw"] else "test_bpd_ema"
 RUNS = ["e2e_lr4e-3", "pipeline_feed", "pipeline", "pipeline_findlr", "alternate_every1", "alternate_every25",
         "alternate_every100", "alternate_every400", "alternate_every0"]
+# session 10: by parts (pipeline + averaged feed) against e2e at the same rate, then each at its best rate
+PAIRS = [("pipeline_feed_lr8e-3", "e2e_lr8e-3"), ("pipeline_feed_lr1.6e-2", "e2e_lr1.6e-2"),
+         ("pipeline_feed_lr8e-3", "e2e_lr4e-3")]
 RATIO = json.loads((HERE / "step_times.json").read_text())["ratio_to_e2e"]
 
 
@@ -30,7 +35,7 @@ def load(name: str, seed: int) -> dict:
 
 def curve(name: str, run: dict) -> list[tuple[float, float]]:
     """(time in e2e steps, bits/dim) after each epoch; an evaluation whose mean was not finite (None: some
-    test image overflowed) is left out."""
+    test image overflowed, or at a high rate the weights overflowed) is left out."""
     schedule = name.split("_")[0]  # e2e, pipeline, alternate
     ratio = RATIO["pipeline_feed" if name.startswith("pipeline_feed") else schedule]
     return [(e["step"] * ratio, e[KEY]) for e in run["history"] if e["kind"] == "eval" and e[KEY] is not None]
@@ -53,10 +58,10 @@ def bpd_at(points: list[tuple[float, float]], t: float) -> float:
     return points[-1][1]
 
 
-def row(name: str) -> str:
+def row(name: str, baseline: str = "e2e") -> str:
     ends, equal, speed = [], [], {level: [] for level in LEVELS}
     for seed in (0, 1):
-        e2e, run = curve("e2e", load("e2e", seed)), load(name, seed)
+        e2e, run = curve(baseline, load(baseline, seed)), load(name, seed)
         parts = curve(name, run)
         ends.append(parts[-1][1])
         shorter = min(parts[-1][0], e2e[-1][0])
@@ -81,3 +86,12 @@ print(f"| `e2e` | {sum(ends) / 2:.3f} ({ends[0]:.3f}, {ends[1]:.3f}) | |" + " |"
 for name in RUNS:
     if all((HERE / f"{name}_seed{s}.json").exists() for s in (0, 1)):
         print(row(name))
+print("\nby parts against e2e at a named rate (speed: that e2e's time over the run's)")
+print(f"| run | against | e2e, {weights} bpd after 12 epochs | run, {weights} bpd after 12 epochs | vs e2e at "
+      "equal time | " + " | ".join(f"speed to {level}" for level in LEVELS) + " |")
+print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in LEVELS) + " |")
+for name, baseline in PAIRS:
+    if all((HERE / f"{n}_seed{s}.json").exists() for s in (0, 1) for n in (name, baseline)):
+        ends = [curve(baseline, load(baseline, s))[-1][1] for s in (0, 1)]
+        print(f"| `{name}` | `{baseline}` | {sum(ends) / 2:.3f} ({ends[0]:.3f}, {ends[1]:.3f})"
+              + row(name, baseline)[len(name) + 4:])
