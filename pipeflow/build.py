@@ -76,15 +76,18 @@ def build_parts(cfg: Config, model: Glow, count: int | None = None, scheme: str 
     """The one part builder: ``count`` parts (default parts.count) of ``scheme`` (default parts.scheme).
 
     ``cuts`` replaces parts.cuts (scheme ``cuts``); ``balanced`` balances ``step_costs`` if given
-    (measured ones, say), else the FLOP model's. One part is the whole model, whatever the scheme.
+    (measured ones, say), else the FLOP model's, boundary priors included. One part is the whole model,
+    whatever the scheme.
     """
     p = cfg.parts
     scheme, count = scheme or p.scheme, count or p.count
+    boundary_costs: list[float] = []
     if scheme == "balanced" and not step_costs:
-        from pipeflow.tools.flops import step_flops  # noqa: PLC0415
+        from pipeflow.tools.flops import boundary_prior_flops, step_flops  # noqa: PLC0415
 
-        step_costs = step_flops(model)
-    parts = split_into_parts(model, scheme, count, p.cuts if cuts is None else cuts, p.boundary_prior, step_costs or ())
+        step_costs, boundary_costs = step_flops(model), boundary_prior_flops(model, p.boundary_prior)
+    parts = split_into_parts(model, scheme, count, p.cuts if cuts is None else cuts, p.boundary_prior,
+                             step_costs or (), boundary_costs)
     return [in_memory_format(part, cfg) for part in parts]  # the boundary priors' own weights
 
 

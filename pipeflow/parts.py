@@ -50,8 +50,8 @@ class Part(nn.Module):
 
 
 def cut_points(model: Glow, scheme: str, parts: int, cuts: Sequence[int] = (),
-               step_costs: Sequence[float] = ()) -> list[int]:
-    """Numbers of flow steps before each of the ``parts - 1`` cuts."""
+               step_costs: Sequence[float] = (), boundary_costs: Sequence[float] = ()) -> list[int]:
+    """Numbers of flow steps before each of the ``parts - 1`` cuts (``balanced``: see its ``boundary_costs``)."""
     n, K, L = model.num_steps, model.steps, model.levels
     if parts < 1:
         raise UserError(f"parts.count must be at least 1, got {parts}")
@@ -76,7 +76,7 @@ def cut_points(model: Glow, scheme: str, parts: int, cuts: Sequence[int] = (),
     elif scheme == "balanced":
         from pipeflow.tools.balance import balanced_cuts  # noqa: PLC0415 (only this scheme needs costs)
 
-        points = balanced_cuts(step_costs, parts)
+        points = balanced_cuts(step_costs, parts, boundary_costs)
     else:
         raise UserError(f"unknown split scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     return points
@@ -89,6 +89,7 @@ def split_into_parts(
     cuts: Sequence[int] = (),
     boundary_prior: str = "standard",
     step_costs: Sequence[float] = (),
+    boundary_costs: Sequence[float] = (),
 ) -> list[Part]:
     """Cut ``model`` into ``parts`` contiguous parts; the last one ends with the model's top prior.
 
@@ -98,7 +99,7 @@ def split_into_parts(
     if parts == 1:
         points = []
     else:
-        points = cut_points(model, scheme, parts, cuts, step_costs)
+        points = cut_points(model, scheme, parts, cuts, step_costs, boundary_costs)
     bounds = [0, *points, model.num_steps]
     result = []
     for k in range(len(bounds) - 1):

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 from conftest import make_glow, perturb_zero_convs
+from support import tiny
 from torch.nn import functional as F
 
 from pipeflow.tools.balance import balanced_cuts
@@ -81,21 +82,50 @@ def test_parts_cover_the_model_exactly_once():
             assert a.out_shape == b.in_shape
 
 
-def _max_part_cost(costs, cuts):
+def _max_part_cost(costs, cuts, ends=None):
+    """The costliest part's cost; ``ends[b]`` is added to a part that ends after b steps, but the last."""
     bounds = [0, *cuts, len(costs)]
-    return max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+    return max(sum(costs[a:b]) + (ends[b] if ends and b < len(costs) else 0.0) for a, b in zip(bounds, bounds[1:]))
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_balanced_cuts_minimise_the_costliest_part(seed):
+@pytest.mark.parametrize("with_ends", [False, True], ids=["steps", "steps+boundaries"])
+def test_balanced_cuts_minimise_the_costliest_part(seed, with_ends):
     rng = random.Random(seed)
     n = rng.randint(4, 10)
     costs = [rng.uniform(0.1, 10.0) for _ in range(n)]
+    ends = [rng.uniform(0.0, 10.0) for _ in range(n + 1)] if with_ends else None
     for parts in range(1, min(n, 4) + 1):
-        cuts = balanced_cuts(costs, parts)
+        cuts = balanced_cuts(costs, parts, ends or ())
         assert len(cuts) == parts - 1 and cuts == sorted(set(cuts)) and all(0 < c < n for c in cuts)
-        brute = min(_max_part_cost(costs, list(c)) for c in itertools.combinations(range(1, n), parts - 1))
-        assert math.isclose(_max_part_cost(costs, cuts), brute, rel_tol=1e-12)
+        brute = min(_max_part_cost(costs, list(c), ends) for c in itertools.combinations(range(1, n), parts - 1))
+        assert math.isclose(_max_part_cost(costs, cuts, ends), brute, rel_tol=1e-12)
+    with pytest.raises(UserError, match="one per cut point"):
+        balanced_cuts(costs, 2, [1.0] * n)
+
+
+def test_the_balanced_scheme_counts_the_flow_heads_and_builds_what_the_same_cuts_build():
+    """At width 16 a ``flow`` head costs two flow steps, so the first part's cut moves to balance it;
+    counting it builds no weights the run would not have (the same model and priors as those cuts given)."""
+    from pipeflow.build import build_model, build_parts
+    from pipeflow.config import from_dict
+    from pipeflow.tools.flops import part_flops, step_flops
+
+    settings = {"model.levels": 2, "model.steps": 4, "model.hidden": 16, "parts.count": 2,
+                "parts.scheme": "balanced", "parts.boundary_prior": "flow"}
+    cfg = from_dict(tiny(settings))
+    model = build_model(cfg, (1, 28, 28))
+    balanced = build_parts(cfg, model)
+    costliest = {c: max(part_flops(model, split_into_parts(model, "cuts", 2, [c], "flow")))
+                 for c in range(1, model.num_steps)}
+    assert balanced[1].steps.start == min(costliest, key=costliest.get) == 2  # the steps alone: a cut at 3
+    assert cut_points(model, "balanced", 2, step_costs=step_flops(model)) == [3]
+    given = from_dict(tiny(settings, {"parts.scheme": "cuts", "parts.cuts": [2]}))
+    same_model = build_model(given, (1, 28, 28))
+    same_head = build_parts(given, same_model)[0].prior
+    for a, b in ((model, same_model), (balanced[0].prior, same_head)):
+        assert a.state_dict().keys() == b.state_dict().keys()
+        assert all(torch.equal(x, b.state_dict()[name]) for name, x in a.state_dict().items())
 
 
 def test_balanced_scheme_uses_the_step_costs():

@@ -24,8 +24,12 @@ import torch
 from pipeflow.errors import UserError
 
 
-def balanced_cuts(step_costs: Sequence[float], parts: int) -> list[int]:
-    """Return the ``parts - 1`` cut points (numbers of steps before each) minimising the max part cost."""
+def balanced_cuts(step_costs: Sequence[float], parts: int, boundary_costs: Sequence[float] = ()) -> list[int]:
+    """Return the ``parts - 1`` cut points (numbers of steps before each) minimising the max part cost.
+
+    ``boundary_costs[i]`` (i = 0..n, optional) is what a part ending after i steps costs on top of its steps
+    when it is not the last: its boundary prior, which a ``flow`` head makes as costly as a flow step or two.
+    """
     n = len(step_costs)
     if not n:
         raise UserError("the balanced scheme needs the cost of every flow step")
@@ -34,6 +38,9 @@ def balanced_cuts(step_costs: Sequence[float], parts: int) -> list[int]:
     prefix = [0.0]
     for c in step_costs:
         prefix.append(prefix[-1] + float(c))
+    if boundary_costs and len(boundary_costs) != n + 1:
+        raise UserError(f"boundary costs are one per cut point 0..{n}, got {len(boundary_costs)}")
+    ends = [float(c) for c in boundary_costs[:n]] + [0.0] if boundary_costs else [0.0] * (n + 1)
     inf = float("inf")
     # best[p][i]: the smallest possible max cost of cutting the first i steps into p parts
     best = [[inf] * (n + 1) for _ in range(parts + 1)]
@@ -42,7 +49,7 @@ def balanced_cuts(step_costs: Sequence[float], parts: int) -> list[int]:
     for p in range(1, parts + 1):
         for i in range(p, n + 1):
             for j in range(p - 1, i):
-                cost = max(best[p - 1][j], prefix[i] - prefix[j])
+                cost = max(best[p - 1][j], prefix[i] - prefix[j] + ends[i])
                 if cost < best[p][i]:
                     best[p][i], choice[p][i] = cost, j
     cuts, i = [], n

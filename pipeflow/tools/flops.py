@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from pipeflow.glow.coupling import AffineCoupling
 from pipeflow.glow.model import FlowStep, Glow
 from pipeflow.glow.split import Split
+from pipeflow.priors import boundary_prior
 
 BACKWARD_FACTOR = 2.0  # backward costs about twice the forward pass
 
@@ -71,6 +73,19 @@ def prior_flops(prior: nn.Module, shape: tuple[int, int, int]) -> float:
     predict = getattr(prior, "predict", None)
     conv = _conv(predict.conv.in_channels, predict.conv.out_channels, 3, h * w) if predict is not None else 0.0
     return sum(layer_flops(step, shape) for step in steps) + conv
+
+
+def boundary_prior_flops(model: Glow, kind: str) -> list[float]:
+    """Forward FLOPs per image of a ``kind`` boundary prior at each cut point 0..num_steps (0 at both ends),
+    for balancing parts with their priors. The priors are built only to be counted, under a forked random
+    state, so the weights the run then builds are the ones it would build without this."""
+    shapes = [model.layer_shapes[model.cut_index(i) - 1][1] for i in range(1, model.num_steps)]
+    flops: dict[tuple[int, int, int], float] = {}
+    with torch.random.fork_rng(devices=[]):
+        for shape in shapes:
+            if shape not in flops:
+                flops[shape] = prior_flops(boundary_prior(kind, shape), shape)
+    return [0.0, *(flops[shape] for shape in shapes), 0.0]
 
 
 def part_flops(model: Glow, parts: Sequence[nn.Module], with_priors: bool = True) -> list[float]:
