@@ -82,7 +82,7 @@ def build_parts(cfg: Config, model: Glow, count: int | None = None, scheme: str 
     p = cfg.parts
     scheme, count = scheme or p.scheme, count or p.count
     boundary_costs: list[float] = []
-    if scheme == "balanced" and not step_costs:
+    if scheme == "balanced" and not step_costs and count > 1:
         from pipeflow.tools.flops import boundary_prior_flops, step_flops  # noqa: PLC0415
 
         step_costs, boundary_costs = step_flops(model), boundary_prior_flops(model, p.boundary_prior)
