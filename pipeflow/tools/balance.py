@@ -40,7 +40,8 @@ def balanced_cuts(step_costs: Sequence[float], parts: int, boundary_costs: Seque
         prefix.append(prefix[-1] + float(c))
     if boundary_costs and len(boundary_costs) != n + 1:
         raise UserError(f"boundary costs are one per cut point 0..{n}, got {len(boundary_costs)}")
-    ends = [float(c) for c in boundary_costs[:n]] + [0.0] if boundary_costs else [0.0] * (n + 1)
+    ends = [float(c) for c in boundary_costs] or [0.0] * (n + 1)
+    ends[n] = 0.0  # the last part ends with the model's own prior, not a boundary prior
     inf = float("inf")
     # best[p][i]: the smallest possible max cost of cutting the first i steps into p parts
     best = [[inf] * (n + 1) for _ in range(parts + 1)]
